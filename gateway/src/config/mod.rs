@@ -1,0 +1,3 @@
+//! Configuration: `gateway.toml` -> [`Config`].
+pub mod model;
+pub use model::*;

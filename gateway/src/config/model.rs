@@ -1,0 +1,186 @@
+//! The typed configuration, as the rest of the gateway sees it after
+//! [`super::load`] has parsed and validated `gateway.toml`.
+//!
+//! Every option that has a unit says so in its name (`_ms`, `_bytes`,
+//! `_registers`). Paths are resolved relative to the config file's folder.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The whole gateway configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Where the configuration was read from.
+    pub source: PathBuf,
+    pub gateway: GatewayConfig,
+    pub signing: SigningConfig,
+    pub mqtt: MqttConfig,
+    pub devices: Vec<DeviceConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewayConfig {
+    /// Gateway id: 1-64 characters of `A-Z a-z 0-9 _ - .`; the MQTT topic level.
+    pub id: String,
+    /// Durable state: sequence numbers, twin version (later: outbox, audit, replay store).
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SigningConfig {
+    /// Ed25519 private key, PKCS#8 PEM, mode 0600.
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    Tls12,
+    Tls13,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsConfig {
+    /// CA certificate(s), PEM, that the broker's certificate must chain to.
+    pub ca_file: PathBuf,
+    /// The gateway's client certificate chain, PEM.
+    pub cert_file: PathBuf,
+    /// The gateway's client private key, PEM, mode 0600.
+    pub key_file: PathBuf,
+    /// Lowest TLS version offered: 1.3 unless "1.2" is configured.
+    pub min_version: TlsVersion,
+    /// Name checked against the broker certificate; defaults to `host`.
+    pub server_name: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MqttConfig {
+    pub host: String,
+    pub port: u16,
+    /// MQTT client id; defaults to the gateway id.
+    pub client_id: String,
+    /// First topic level; default "twin".
+    pub topic_prefix: String,
+    pub keep_alive: Duration,
+    /// Largest MQTT message the gateway sends; batches are split below it.
+    pub max_message_bytes: usize,
+    /// A batch is flushed when a poll cycle completes or after this long.
+    pub flush_interval: Duration,
+    /// The reported twin is republished at most this often (when changed).
+    pub reported_interval: Duration,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    pub tls: TlsConfig,
+}
+
+/// One device. Dispatch on the protocol.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeviceConfig {
+    Modbus(ModbusDeviceConfig),
+}
+
+impl DeviceConfig {
+    pub fn name(&self) -> &str {
+        match self {
+            DeviceConfig::Modbus(d) => &d.name,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModbusDeviceConfig {
+    pub name: String,
+    /// `host:port` as written (resolved when connecting).
+    pub address: String,
+    pub unit_id: u8,
+    pub poll_interval: Duration,
+    pub request_timeout: Duration,
+    /// Registers (or bits) between two tags that may be read along to
+    /// merge them into one request.
+    pub max_gap_registers: u16,
+    /// At most 125 (the Modbus limit for FC 3/4).
+    pub max_registers_per_request: u16,
+    /// At most 2000 (the Modbus limit for FC 1/2).
+    pub max_bits_per_request: u16,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    pub tags: Vec<ModbusTag>,
+}
+
+/// Which Modbus table a tag lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Area {
+    /// FC 1, read/write bits.
+    Coil,
+    /// FC 2, read-only bits.
+    DiscreteInput,
+    /// FC 4, read-only registers.
+    InputRegister,
+    /// FC 3, read/write registers.
+    HoldingRegister,
+}
+
+impl Area {
+    pub fn is_bits(self) -> bool {
+        matches!(self, Area::Coil | Area::DiscreteInput)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataType {
+    Bool,
+    U16,
+    I16,
+    U32,
+    I32,
+    U64,
+    I64,
+    F32,
+    F64,
+    /// Fixed-length string occupying `registers` registers (2 bytes each).
+    String {
+        registers: u16,
+    },
+}
+
+impl DataType {
+    /// Registers (or bits, for Bool in a bit area) the type occupies.
+    pub fn width(self) -> u16 {
+        match self {
+            DataType::Bool | DataType::U16 | DataType::I16 => 1,
+            DataType::U32 | DataType::I32 | DataType::F32 => 2,
+            DataType::U64 | DataType::I64 | DataType::F64 => 4,
+            DataType::String { registers } => registers,
+        }
+    }
+}
+
+/// Byte and word order of multi-byte values, named after the position of
+/// the bytes of a 32-bit value `A B C D` (A most significant) on the wire.
+/// 64-bit values extend the same rule to four registers: `ABCD` is
+/// big-endian throughout, `DCBA` little-endian throughout, `BADC` swaps the
+/// bytes inside each register, `CDAB` reverses the order of the registers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ByteOrder {
+    #[default]
+    Abcd,
+    Badc,
+    Cdab,
+    Dcba,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModbusTag {
+    /// Unique across the gateway; the key in the twin.
+    pub name: String,
+    pub area: Area,
+    /// Zero-based protocol address.
+    pub address: u16,
+    pub data_type: DataType,
+    pub order: ByteOrder,
+    /// Engineering value = raw * scale + offset (numbers only).
+    pub scale: Option<f64>,
+    pub offset: Option<f64>,
+    pub unit: Option<String>,
+    /// Whether commands may ever write this tag (enforced by the policy path).
+    pub writable: bool,
+}
