@@ -13,6 +13,7 @@
 //! - [`tls`]: every TLS client setting in one place.
 //! - [`pki`], [`keyfile`]: dev PKI and private key file rules.
 
+pub mod backoff;
 pub mod clock;
 pub mod config;
 pub mod device;

@@ -1,1 +1,200 @@
-fn main() {}
+//! `gateway`: the edge service and its command line.
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "gateway",
+    version,
+    about = "Secure digital-twin synchronization gateway"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway until SIGTERM or Ctrl-C.
+    Run {
+        #[arg(short, long, default_value = "gateway.toml")]
+        config: PathBuf,
+    },
+    /// Validate a configuration without connecting to anything; exits non-zero on any error.
+    Check {
+        #[arg(short, long, default_value = "gateway.toml")]
+        config: PathBuf,
+    },
+    /// Public key material.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+    /// Development PKI.
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Print the key id and public key (PEM) of a telemetry signing key, for the cloud twin's trust store.
+    Public {
+        /// Ed25519 private key, PKCS#8 PEM.
+        key_file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Create a development CA, broker and client certificates and signing keys (never for production).
+    Dev {
+        /// Output folder (created with mode 0700).
+        #[arg(long, default_value = "pki")]
+        out: PathBuf,
+        #[arg(long)]
+        gateway_id: String,
+        /// Host names and IP addresses for the broker certificate.
+        #[arg(long = "broker-host", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        broker_hosts: Vec<String>,
+        /// Common name of the operator's client certificate.
+        #[arg(long, default_value = "twin-operator")]
+        operator: String,
+        #[arg(long, default_value_t = 90)]
+        days: i64,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    gateway::tls::install_default_provider();
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Check { config } => match gateway::config::load(&config) {
+            Ok(cfg) => {
+                let tags: usize = cfg
+                    .devices
+                    .iter()
+                    .map(|d| match d {
+                        gateway::config::DeviceConfig::Modbus(m) => m.tags.len(),
+                    })
+                    .sum();
+                println!(
+                    "{}: OK: gateway {}, {} device(s), {} tag(s), broker {}:{} (TLS {})",
+                    config.display(),
+                    cfg.gateway.id,
+                    cfg.devices.len(),
+                    tags,
+                    cfg.mqtt.host,
+                    cfg.mqtt.port,
+                    match cfg.mqtt.tls.min_version {
+                        gateway::config::TlsVersion::Tls13 => "1.3 only",
+                        gateway::config::TlsVersion::Tls12 => "1.2 allowed",
+                    }
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(errors) => {
+                eprint!("{errors}");
+                eprintln!("{} error(s) in {}", errors.errors.len(), config.display());
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        Command::Run { config } => {
+            let cfg = match gateway::config::load(&config) {
+                Ok(c) => c,
+                Err(errors) => {
+                    eprint!("{errors}");
+                    anyhow::bail!(
+                        "{} error(s) in {}; not starting",
+                        errors.errors.len(),
+                        config.display()
+                    );
+                }
+            };
+            let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            rt.block_on(async move {
+                let handle = gateway::run::start(cfg).await?;
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                    _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: shutting down"),
+                    _ = handle.fatal() => tracing::error!("a fatal error stopped the gateway"),
+                }
+                let stragglers = handle.stop().await;
+                anyhow::Ok(if stragglers.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
+            })
+        }
+        Command::Key {
+            command: KeyCommand::Public { key_file },
+        } => {
+            let key = gateway::run::load_signing_key(&key_file)?;
+            println!("kid: {}", key.kid());
+            print!("{}", key.public_key_pem());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pki {
+            command:
+                PkiCommand::Dev {
+                    out,
+                    gateway_id,
+                    broker_hosts,
+                    operator,
+                    days,
+                },
+        } => {
+            let files = gateway::pki::create_dev_pki(&gateway::pki::DevPkiOptions {
+                out_dir: out.clone(),
+                gateway_id,
+                broker_hosts,
+                operator,
+                valid_days: days,
+            })?;
+            println!(
+                "development PKI written to {} (private keys mode 0600; not for production)",
+                files.dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,1 +1,205 @@
-//! (being written)
+//! Assembling and running the gateway: devices -> uplink -> MQTT link, and
+//! the ordered shutdown.
+//!
+//! Shutdown order: stop polling (device tasks end and drop their senders),
+//! the uplink flushes and signs what it holds and then closes its output,
+//! the MQTT link hands everything to the broker, publishes `offline`, waits
+//! for the acknowledgements and disconnects. A deadline bounds the whole
+//! sequence; tasks still running at the deadline are named in the log.
+
+use crate::config::{Config, DeviceConfig};
+use crate::device::{DeviceContext, DeviceEvent};
+use crate::mqtt::{self, LinkParams, LinkState, LinkStats, Outgoing};
+use crate::uplink::{
+    self, batcher::Batcher, reported::Reporter, signer::Signer, state::StateFile, UplinkStats,
+};
+use crate::{clock, keyfile, tls};
+use anyhow::Context as _;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use twin_model::topics::Topics;
+use twin_model::SigningKey;
+
+/// How long an orderly shutdown may take before stragglers are abandoned.
+pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(5);
+
+/// A running gateway.
+pub struct GatewayHandle {
+    pub link: watch::Receiver<LinkState>,
+    pub uplink_stats: Arc<UplinkStats>,
+    pub link_stats: Arc<LinkStats>,
+    /// Key id of the telemetry signing key.
+    pub kid: String,
+    stop_devices: CancellationToken,
+    abort: CancellationToken,
+    tasks: Vec<(String, JoinHandle<()>)>,
+}
+
+/// Loads the telemetry signing key (after checking its file permissions).
+pub fn load_signing_key(path: &std::path::Path) -> anyhow::Result<SigningKey> {
+    let pem = keyfile::read_private(path)?;
+    SigningKey::from_pkcs8_pem(&pem)
+        .with_context(|| format!("{}: not an Ed25519 PKCS#8 private key", path.display()))
+}
+
+/// Starts every task of the gateway. Fails before connecting anywhere if a
+/// key, certificate or the data directory cannot be used.
+pub async fn start(cfg: Config) -> anyhow::Result<GatewayHandle> {
+    let key = Arc::new(load_signing_key(&cfg.signing.key_file)?);
+    let tls_config = tls::client_config(&cfg.mqtt.tls).context("MQTT TLS setup")?;
+    create_data_dir(&cfg.gateway.data_dir)?;
+    let topics = Topics::new(&cfg.mqtt.topic_prefix, &cfg.gateway.id);
+    let signer = Signer::new(
+        key.clone(),
+        cfg.gateway.id.clone(),
+        topics.telemetry(),
+        StateFile::new(&cfg.gateway.data_dir),
+    )?;
+    let chain = signer.state();
+    tracing::info!(
+        gateway = %cfg.gateway.id,
+        kid = key.kid(),
+        next_seq = chain.seq + 1,
+        devices = cfg.devices.len(),
+        "gateway starting"
+    );
+
+    let units: HashMap<String, String> = cfg
+        .devices
+        .iter()
+        .flat_map(|d| match d {
+            DeviceConfig::Modbus(m) => m
+                .tags
+                .iter()
+                .filter_map(|t| Some((t.name.clone(), t.unit.clone()?))),
+        })
+        .collect();
+    let reporter = Reporter::new(
+        &cfg.gateway.id,
+        chain.twin_version,
+        units,
+        key.clone(),
+        topics.reported(),
+        cfg.mqtt.max_message_bytes,
+    );
+    let batcher = Batcher::new(
+        &cfg.gateway.id,
+        topics.telemetry().len(),
+        cfg.mqtt.max_message_bytes,
+    );
+
+    let stop_devices = CancellationToken::new();
+    let abort = CancellationToken::new();
+    let (dev_tx, dev_rx) = mpsc::channel::<DeviceEvent>(256);
+    let (out_tx, out_rx) = mpsc::channel::<Outgoing>(256);
+    let (state_tx, state_rx) = watch::channel(LinkState::Connecting);
+    let uplink_stats = Arc::new(UplinkStats::default());
+    let link_stats = Arc::new(LinkStats::default());
+    let mut tasks = Vec::new();
+
+    for dev in &cfg.devices {
+        let ctx = DeviceContext {
+            shutdown: stop_devices.clone(),
+            out: dev_tx.clone(),
+        };
+        let name = format!("device {}", dev.name());
+        let handle = match dev.clone() {
+            DeviceConfig::Modbus(_m) => tokio::spawn(async move { drop(ctx) }),
+        };
+        tasks.push((name, handle));
+    }
+    drop(dev_tx);
+
+    let us = uplink_stats.clone();
+    let (flush, rep) = (cfg.mqtt.flush_interval, cfg.mqtt.reported_interval);
+    let uplink_abort = abort.clone();
+    tasks.push((
+        "uplink".into(),
+        tokio::spawn(async move {
+            if let Err(e) =
+                uplink::run(dev_rx, out_tx, batcher, signer, reporter, flush, rep, us).await
+            {
+                tracing::error!(error = %e, "uplink stopped");
+                uplink_abort.cancel();
+            }
+        }),
+    ));
+
+    let params = LinkParams {
+        mqtt: cfg.mqtt.clone(),
+        gateway_id: cfg.gateway.id.clone(),
+        tls: tls_config,
+        key: key.clone(),
+        session: clock::now_ms(),
+        seq_at_start: chain.seq,
+    };
+    tasks.push((
+        "mqtt".into(),
+        tokio::spawn(mqtt::run(
+            params,
+            out_rx,
+            state_tx,
+            link_stats.clone(),
+            abort.clone(),
+            SHUTDOWN_DEADLINE,
+        )),
+    ));
+
+    Ok(GatewayHandle {
+        link: state_rx,
+        uplink_stats,
+        link_stats,
+        kid: key.kid().to_owned(),
+        stop_devices,
+        abort,
+        tasks,
+    })
+}
+
+fn create_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("{}: cannot create the data directory", dir.display()))?;
+    let meta = std::fs::metadata(dir)?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(
+            || {
+                format!(
+                    "{}: cannot restrict the data directory to mode 0700",
+                    dir.display()
+                )
+            },
+        )?;
+    }
+    Ok(())
+}
+
+impl GatewayHandle {
+    /// Ordered shutdown (see the module doc). Returns the names of tasks
+    /// that did not finish before the deadline.
+    pub async fn stop(self) -> Vec<String> {
+        self.stop_devices.cancel();
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_DEADLINE + Duration::from_secs(2);
+        let mut stragglers = Vec::new();
+        for (name, mut task) in self.tasks {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                task.abort();
+                stragglers.push(name);
+            }
+        }
+        self.abort.cancel();
+        if !stragglers.is_empty() {
+            tracing::warn!(tasks = ?stragglers, "shutdown deadline passed; these tasks were stopped by force");
+        }
+        stragglers
+    }
+
+    /// Resolves when a task ends by itself (which only happens on a fatal error).
+    pub async fn fatal(&self) {
+        self.abort.cancelled().await
+    }
+}

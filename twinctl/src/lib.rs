@@ -1,1 +1,11 @@
+//! The operator tool as a library: the `twinctl` binary, the local twin and
+//! the end-to-end tests all watch the twin through [`watch::Watcher`].
+//!
+//! - [`watch`]: verifies every message (signature, chain, gaps, duplicates)
+//!   and keeps the live twin of each gateway. No I/O.
+//! - [`render`]: the twin as a text table for people, or JSON lines.
+//! - [`client`]: the operator's mutual-TLS MQTT connection.
 
+pub mod client;
+pub mod render;
+pub mod watch;

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runs the whole test suite, provisioning what it needs first:
+#   - Mosquitto (Debian package `mosquitto`), installed with apt when missing;
+#   - the Python peers (pymodbus, PyJWT, cryptography, asyncua) in ./.venv.
+# A test whose component is missing fails; nothing is skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+  echo "== installing mosquitto (apt)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null
+fi
+
+req=tests/py/requirements.txt
+stamp=.venv/.requirements.sha256
+want=$(sha256sum "$req" | cut -d' ' -f1)
+if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "== preparing the Python peers in .venv"
+  python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check -r "$req"
+  echo "$want" > "$stamp"
+fi
+export TWIN_PYTHON="$PWD/.venv/bin/python"
+
+echo "== cargo test (workspace)"
+cargo test --workspace --all-targets -- --test-threads=2
