@@ -8,10 +8,11 @@
 //! sequence; tasks still running at the deadline are named in the log.
 
 use crate::config::{Config, DeviceConfig};
-use crate::device::{DeviceContext, DeviceEvent};
+use crate::device::{modbus::ModbusDriver, DeviceContext, DeviceEvent};
 use crate::mqtt::{self, LinkParams, LinkState, LinkStats, Outgoing};
 use crate::uplink::{
-    self, batcher::Batcher, reported::Reporter, signer::Signer, state::StateFile, UplinkStats,
+    self, batcher::Batcher, reported::Reporter, signer::Signer, state::StateFile, Uplink,
+    UplinkStats,
 };
 use crate::{clock, keyfile, tls};
 use anyhow::Context as _;
@@ -108,21 +109,25 @@ pub async fn start(cfg: Config) -> anyhow::Result<GatewayHandle> {
         };
         let name = format!("device {}", dev.name());
         let handle = match dev.clone() {
-            DeviceConfig::Modbus(_m) => tokio::spawn(async move { drop(ctx) }),
+            DeviceConfig::Modbus(m) => tokio::spawn(ModbusDriver::new(m).run(ctx)),
         };
         tasks.push((name, handle));
     }
     drop(dev_tx);
 
-    let us = uplink_stats.clone();
-    let (flush, rep) = (cfg.mqtt.flush_interval, cfg.mqtt.reported_interval);
+    let uplink = Uplink {
+        batcher,
+        signer,
+        reported: reporter,
+        flush_interval: cfg.mqtt.flush_interval,
+        reported_interval: cfg.mqtt.reported_interval,
+        stats: uplink_stats.clone(),
+    };
     let uplink_abort = abort.clone();
     tasks.push((
         "uplink".into(),
         tokio::spawn(async move {
-            if let Err(e) =
-                uplink::run(dev_rx, out_tx, batcher, signer, reporter, flush, rep, us).await
-            {
+            if let Err(e) = uplink::run(uplink, dev_rx, out_tx).await {
                 tracing::error!(error = %e, "uplink stopped");
                 uplink_abort.cancel();
             }

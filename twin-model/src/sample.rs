@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 /// integers (consumers must not read them as doubles); floats always carry a
 /// decimal point or exponent. NaN and infinities are never values: a register
 /// that decodes to one becomes a sample with no value and bad quality.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Value {
     Bool(bool),
@@ -17,6 +17,25 @@ pub enum Value {
     UInt(u64),
     Float(f64),
     Text(String),
+}
+
+/// Equality as on the wire: `Int(5)` equals `UInt(5)` (JSON has one
+/// integer type); floats compare by value, so NaN (never a value) is not
+/// equal to itself.
+impl PartialEq for Value {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Value::Bool(a), Value::Bool(b)) => a == b,
+            (Value::Int(a), Value::Int(b)) => a == b,
+            (Value::UInt(a), Value::UInt(b)) => a == b,
+            (Value::Int(a), Value::UInt(b)) | (Value::UInt(b), Value::Int(a)) => {
+                u64::try_from(*a) == Ok(*b)
+            }
+            (Value::Float(a), Value::Float(b)) => a == b,
+            (Value::Text(a), Value::Text(b)) => a == b,
+            _ => false,
+        }
+    }
 }
 
 impl Value {
@@ -140,8 +159,14 @@ mod tests {
             assert_eq!(serde_json::to_string(&v).unwrap(), json);
             assert_eq!(serde_json::from_str::<Value>(json).unwrap(), v);
         }
-        // Non-negative integers that fit i64 come back as Int.
-        assert_eq!(serde_json::from_str::<Value>("42").unwrap(), Value::Int(42));
+        // Non-negative integers that fit i64 come back as Int, equal to UInt.
+        assert!(matches!(
+            serde_json::from_str::<Value>("42").unwrap(),
+            Value::Int(42)
+        ));
+        assert_eq!(Value::Int(42), Value::UInt(42));
+        assert_ne!(Value::Int(-1), Value::UInt(u64::MAX));
+        assert_ne!(Value::Float(1.0), Value::Int(1));
     }
 
     #[test]

@@ -38,8 +38,8 @@ pub fn table(
         );
         let _ = writeln!(
             out,
-            "{:<28} {:>18} {:<8} {:<10} {:>8}  {}",
-            "TAG", "VALUE", "UNIT", "QUALITY", "AGE", "REASON"
+            "{:<28} {:>18} {:<8} {:<10} {:>8}  REASON",
+            "TAG", "VALUE", "UNIT", "QUALITY", "AGE"
         );
         for (tag, t) in &v.tags {
             let unit = v

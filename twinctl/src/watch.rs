@@ -102,6 +102,13 @@ impl Watcher {
         }
     }
 
+    /// Remember the hashes of the last `window` batches per gateway (older
+    /// sequence numbers are refused as replays).
+    pub fn with_window(mut self, window: usize) -> Self {
+        self.chain = self.chain.with_window(window);
+        self
+    }
+
     /// Accept batches of `gateway` only when signed with key `kid`.
     pub fn pin(&mut self, gateway: &str, kid: &str) {
         self.chain.pin(gateway, kid);

@@ -36,19 +36,32 @@ pub struct UplinkStats {
     pub reported_versions: AtomicU64,
 }
 
+/// The stages of the uplink, ready to run.
+pub struct Uplink {
+    pub batcher: batcher::Batcher,
+    pub signer: signer::Signer,
+    pub reported: reported::Reporter,
+    pub flush_interval: Duration,
+    pub reported_interval: Duration,
+    pub stats: Arc<UplinkStats>,
+}
+
 /// The uplink task. Ends when every device sender is dropped (devices
 /// stopped), after flushing what is buffered and signing a final reported
 /// twin; then drops `out`, which tells the MQTT link to finish.
 pub async fn run(
+    uplink: Uplink,
     mut input: mpsc::Receiver<DeviceEvent>,
     out: mpsc::Sender<Outgoing>,
-    mut batcher: batcher::Batcher,
-    mut signer: signer::Signer,
-    mut reported: reported::Reporter,
-    flush_interval: Duration,
-    reported_interval: Duration,
-    stats: Arc<UplinkStats>,
 ) -> Result<(), signer::SignError> {
+    let Uplink {
+        mut batcher,
+        mut signer,
+        mut reported,
+        flush_interval,
+        reported_interval,
+        stats,
+    } = uplink;
     let mut twin_tick = tokio::time::interval(reported_interval);
     twin_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut deadline: Option<Instant> = None;

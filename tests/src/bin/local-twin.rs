@@ -10,7 +10,6 @@
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use twin_testkit::sim::PlcSim;
@@ -32,7 +31,6 @@ struct Args {
     json: bool,
 }
 
-const EXAMPLE: &str = include_str!("../../../gateway/gateway.example.toml");
 const GATEWAY_ID: &str = "plant1-gw1";
 
 fn main() -> anyhow::Result<()> {
@@ -68,7 +66,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let broker_port = start_demo_broker(&pki)?;
 
     let config_path = dir.join("gateway.toml");
-    let text = render_config(EXAMPLE, broker_port, plc.addr())?;
+    let text = twin_testkit::render_example_config(broker_port, plc.addr())?;
     std::fs::write(&config_path, text)?;
     let cfg = gateway::config::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let handle = gateway::run::start(cfg).await?;
@@ -122,21 +120,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The example configuration with the demo's ports filled in.
-fn render_config(example: &str, broker_port: u16, plc: SocketAddr) -> anyhow::Result<String> {
-    let mut text = example.to_owned();
-    for (from, to) in [
-        ("port = 8883", format!("port = {broker_port}")),
-        ("\"127.0.0.1:5020\"", format!("\"{plc}\"")),
-    ] {
-        if text.matches(from).count() != 1 {
-            bail!("the example configuration must contain `{from}` exactly once");
-        }
-        text = text.replace(from, &to);
-    }
-    Ok(text)
-}
-
 /// Starts the embedded broker (rumqttd, demo only) with TLS that requires a
 /// client certificate from the dev CA; returns its port.
 fn start_demo_broker(pki: &gateway::pki::DevPkiFiles) -> anyhow::Result<u16> {
@@ -186,14 +169,4 @@ dynamic_filters = true
         std::thread::sleep(Duration::from_millis(50));
     }
     bail!("the demo broker did not start listening on 127.0.0.1:{port}")
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn the_example_config_renders_with_demo_ports() {
-        let t = super::render_config(super::EXAMPLE, 40000, "127.0.0.1:41000".parse().unwrap())
-            .unwrap();
-        assert!(t.contains("port = 40000") && t.contains("\"127.0.0.1:41000\""));
-    }
 }

@@ -1,0 +1,447 @@
+//! The connection owner: one task per device, the only holder of the
+//! tokio-modbus [`Context`].
+//!
+//! tokio-modbus has no request timeout and no reconnect, and matches a
+//! reply to the request only by what arrives next on the socket. So:
+//! - every call (connect and each request) runs under `request_timeout`;
+//! - at most one request is outstanding (the cycle awaits each in turn);
+//! - after a timeout, a transport error or a protocol error (header or
+//!   function code mismatch, wrong length) the context is dropped and a new
+//!   connection is made, after a capped exponential backoff with jitter
+//!   that resets after a cycle without such a failure. A late reply to the
+//!   old request can then never be taken as the reply to a new one.
+//! - a Modbus exception is a valid reply: the connection is kept.
+//!
+//! The run loop is a `select!` over shutdown, the connect attempt and the
+//! poll tick. Writes will be one more branch: an `mpsc` of
+//! `(write op, oneshot reply)` served between cycles on the same context,
+//! so writes and polls never have two requests in flight.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::{interval, sleep_until, timeout, Instant, MissedTickBehavior};
+use tokio_modbus::client::{Client as _, Context};
+use tokio_modbus::{ExceptionCode, Request, Response, Slave};
+use tracing::{debug, info, warn};
+use twin_model::sample::reason;
+use twin_model::Sample;
+
+use super::codec::{self, Raw};
+use super::exception_reason;
+use super::plan::{self, Limits, Plan, ReadRequest};
+use crate::backoff::Backoff;
+use crate::clock::now_ms;
+use crate::config::{Area, ModbusDeviceConfig, ModbusTag};
+use crate::device::{DeviceContext, DeviceEvent};
+
+/// A Modbus TCP device driver: the typed config plus its read plan.
+///
+/// ```no_run
+/// # async fn example(cfg: gateway::config::ModbusDeviceConfig, ctx: gateway::device::DeviceContext) {
+/// tokio::spawn(gateway::device::modbus::ModbusDriver::new(cfg).run(ctx));
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct ModbusDriver {
+    cfg: ModbusDeviceConfig,
+    plan: Plan,
+}
+
+impl ModbusDriver {
+    /// Plans the reads of `cfg` (see [`plan`](super::plan)).
+    pub fn new(cfg: ModbusDeviceConfig) -> Self {
+        let plan = plan::plan(&cfg.tags, Limits::from_config(&cfg));
+        ModbusDriver { cfg, plan }
+    }
+
+    /// The read requests of one poll cycle.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// Polls the device until `ctx.shutdown` is cancelled (or the receiver
+    /// of `ctx.out` is gone), sending one [`DeviceEvent`] per poll interval
+    /// with one sample per tag, in configuration order. Never returns an
+    /// error: device faults become bad-quality samples.
+    pub async fn run(self, ctx: DeviceContext) {
+        let ModbusDriver { cfg, plan } = self;
+        for &(index, why) in &plan.unreadable {
+            if let Some(tag) = cfg.tags.get(index) {
+                warn!(device = %cfg.name, tag = %tag.name, %why, "tag cannot be read; it stays bad");
+            }
+        }
+        let mut owner = Owner {
+            cycle: Cycle::new(&cfg, plan),
+            link: None,
+            // A zero minimum would retry a refusing device in a tight loop.
+            backoff: Backoff::new(
+                cfg.reconnect_min.max(MIN_RECONNECT_DELAY),
+                cfg.reconnect_max,
+            ),
+            next_connect: Instant::now(),
+            outage_logged: false,
+            cfg,
+        };
+        owner.run(ctx).await;
+    }
+}
+
+/// The shortest wait between two connect attempts, whatever the config says.
+const MIN_RECONNECT_DELAY: Duration = Duration::from_millis(10);
+
+type ConnectFuture = Pin<Box<dyn Future<Output = Result<Context, ConnectError>> + Send>>;
+
+/// Why a connect attempt failed.
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error("no connection within {0:?}")]
+    Timeout(Duration),
+    #[error("`{0}` resolves to no address")]
+    NoAddress(String),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Why a connection was given up during a cycle.
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    #[error("transport error: {0}")]
+    Transport(io::Error),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl LinkError {
+    /// The reason code of the tags this failure left unread.
+    fn reason(&self) -> &'static str {
+        match self {
+            LinkError::Timeout(_) => reason::TIMEOUT,
+            LinkError::Transport(_) => reason::DISCONNECTED,
+            LinkError::Protocol(_) => reason::PROTOCOL_ERROR,
+        }
+    }
+}
+
+/// A reply the connection survives.
+#[derive(Debug)]
+enum Reply {
+    Registers(Vec<u16>),
+    Bits(Vec<bool>),
+    Exception(ExceptionCode),
+}
+
+/// The connection owner's state.
+struct Owner {
+    cfg: ModbusDeviceConfig,
+    cycle: Cycle,
+    /// The only holder of the connection.
+    link: Option<Context>,
+    backoff: Backoff,
+    /// When the next connect attempt may start.
+    next_connect: Instant,
+    /// Whether the current outage has been logged at warn already.
+    outage_logged: bool,
+}
+
+impl Owner {
+    async fn run(&mut self, ctx: DeviceContext) {
+        let shutdown = ctx.shutdown.clone();
+        info!(device = %self.cfg.name, address = %self.cfg.address, "modbus driver starting");
+
+        // The first attempt completes before the first poll, so a reachable
+        // device does not start with a round of disconnected samples.
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return,
+            res = connect(self.cfg.address.clone(), self.cfg.unit_id, self.cfg.request_timeout) => {
+                self.connected(res);
+            }
+        }
+
+        let mut connecting: Option<ConnectFuture> = None;
+        let mut ticks = interval(self.cfg.poll_interval.max(Duration::from_millis(1)));
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        loop {
+            let down = self.link.is_none();
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                res = async {
+                    match connecting.as_mut() {
+                        Some(attempt) => attempt.await,
+                        None => std::future::pending().await,
+                    }
+                }, if connecting.is_some() => {
+                    connecting = None;
+                    self.connected(res);
+                }
+                () = sleep_until(self.next_connect), if down && connecting.is_none() => {
+                    connecting = Some(Box::pin(connect(
+                        self.cfg.address.clone(),
+                        self.cfg.unit_id,
+                        self.cfg.request_timeout,
+                    )));
+                }
+                _ = ticks.tick() => {
+                    let samples = match self.link.as_mut() {
+                        Some(link) => {
+                            // Dropping the cycle mid-request is fine: the
+                            // connection is dropped with it.
+                            let (samples, failure) = tokio::select! {
+                                biased;
+                                () = shutdown.cancelled() => break,
+                                done = self.cycle.run(link) => done,
+                            };
+                            match failure {
+                                None => self.backoff.reset(),
+                                Some(e) => self.lost(&e),
+                            }
+                            samples
+                        }
+                        None => self.cycle.all_bad(reason::DISCONNECTED, now_ms()),
+                    };
+                    let event = DeviceEvent {
+                        device: self.cfg.name.clone(),
+                        samples,
+                        cycle_done: true,
+                    };
+                    tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => break,
+                        sent = ctx.out.send(event) => if sent.is_err() {
+                            info!(device = %self.cfg.name, "sample receiver gone; modbus driver stopping");
+                            break;
+                        },
+                    }
+                }
+                // Writes go here: `Some((op, reply)) = writes.recv(), if !down => ...`
+            }
+        }
+        // Dropping the context closes the socket.
+        self.link = None;
+        info!(device = %self.cfg.name, "modbus driver stopped");
+    }
+
+    /// Takes the result of a connect attempt.
+    fn connected(&mut self, res: Result<Context, ConnectError>) {
+        match res {
+            Ok(link) => {
+                info!(device = %self.cfg.name, address = %self.cfg.address, "modbus device connected");
+                self.link = Some(link);
+                self.outage_logged = false;
+            }
+            Err(e) => {
+                let delay = self.backoff.next_delay();
+                self.next_connect = Instant::now() + delay;
+                if self.outage_logged {
+                    debug!(device = %self.cfg.name, error = %e, retry_in = ?delay, "modbus connect failed");
+                } else {
+                    warn!(device = %self.cfg.name, address = %self.cfg.address, error = %e, retry_in = ?delay, "modbus connect failed");
+                    self.outage_logged = true;
+                }
+            }
+        }
+    }
+
+    /// Drops the connection after a failure and schedules the reconnect.
+    fn lost(&mut self, e: &LinkError) {
+        self.link = None;
+        let delay = self.backoff.next_delay();
+        self.next_connect = Instant::now() + delay;
+        warn!(device = %self.cfg.name, reason = %e, reconnect_in = ?delay, "modbus connection dropped");
+        self.outage_logged = true;
+    }
+}
+
+/// One poll cycle over a connection: the planned requests and their tags.
+struct Cycle {
+    tags: Vec<ModbusTag>,
+    plan: Plan,
+    timeout: Duration,
+    device: String,
+    /// The exception last answered to each request, to log changes only.
+    exceptions: Vec<Option<ExceptionCode>>,
+}
+
+impl Cycle {
+    fn new(cfg: &ModbusDeviceConfig, plan: Plan) -> Self {
+        Cycle {
+            exceptions: vec![None; plan.requests.len()],
+            tags: cfg.tags.clone(),
+            plan,
+            timeout: cfg.request_timeout,
+            device: cfg.name.clone(),
+        }
+    }
+
+    /// Every tag bad with `why`.
+    fn all_bad(&self, why: &str, ts_ms: u64) -> Vec<Sample> {
+        self.tags
+            .iter()
+            .map(|t| Sample::bad(&t.name, why, ts_ms))
+            .collect()
+    }
+
+    /// Sends the planned requests one at a time. Returns one sample per tag
+    /// (configuration order) and the failure that ends the connection, if
+    /// any; the failed request and every later one carry its reason.
+    async fn run(&mut self, link: &mut Context) -> (Vec<Sample>, Option<LinkError>) {
+        let mut samples: Vec<Option<Sample>> = vec![None; self.tags.len()];
+        let mut failure: Option<LinkError> = None;
+        for (index, req) in self.plan.requests.iter().enumerate() {
+            let mut mark = |why: &str, ts_ms: u64| {
+                for slot in &req.slots {
+                    if let (Some(out), Some(tag)) =
+                        (samples.get_mut(slot.tag), self.tags.get(slot.tag))
+                    {
+                        *out = Some(Sample::bad(&tag.name, why, ts_ms));
+                    }
+                }
+            };
+            if let Some(e) = &failure {
+                mark(e.reason(), now_ms());
+                continue;
+            }
+            let reply = timeout(self.timeout, read(link, req)).await;
+            let ts_ms = now_ms();
+            let reply = match reply {
+                Err(_) => Err(LinkError::Timeout(self.timeout)),
+                Ok(r) => r,
+            };
+            let last = self.exceptions.get_mut(index);
+            match reply {
+                Err(e) => {
+                    mark(e.reason(), ts_ms);
+                    failure = Some(e);
+                }
+                Ok(Reply::Exception(code)) => {
+                    mark(&exception_reason(code), ts_ms);
+                    if let Some(last) = last {
+                        if *last != Some(code) {
+                            warn!(device = %self.device, area = ?req.area, start = req.start, count = req.count,
+                                exception = %exception_reason(code), "modbus read answered with an exception");
+                            *last = Some(code);
+                        }
+                    }
+                }
+                Ok(reply) => {
+                    if let Some(last) = last {
+                        if let Some(code) = last.take() {
+                            info!(device = %self.device, area = ?req.area, start = req.start,
+                                was = %exception_reason(code), "modbus read answered again");
+                        }
+                    }
+                    for slot in &req.slots {
+                        let (Some(out), Some(tag)) =
+                            (samples.get_mut(slot.tag), self.tags.get(slot.tag))
+                        else {
+                            continue;
+                        };
+                        let at = usize::from(slot.offset);
+                        let raw = match &reply {
+                            Reply::Registers(words) => {
+                                Raw::Registers(words.get(at..).unwrap_or(&[]))
+                            }
+                            Reply::Bits(bits) => Raw::Bits(bits.get(at..).unwrap_or(&[])),
+                            Reply::Exception(_) => continue,
+                        };
+                        *out = Some(codec::decode(tag, raw, ts_ms));
+                    }
+                }
+            }
+        }
+        // Tags no request carries (see `plan::Unreadable`).
+        let ts_ms = now_ms();
+        let samples = samples
+            .into_iter()
+            .zip(&self.tags)
+            .map(|(s, tag)| {
+                s.unwrap_or_else(|| Sample::bad(&tag.name, reason::PROTOCOL_ERROR, ts_ms))
+            })
+            .collect();
+        (samples, failure)
+    }
+}
+
+/// Resolves `address` and opens the connection, all within `limit`.
+async fn connect(address: String, unit_id: u8, limit: Duration) -> Result<Context, ConnectError> {
+    let attempt = async {
+        let mut last_error = None;
+        for addr in tokio::net::lookup_host(address.as_str()).await? {
+            match TcpStream::connect(addr).await {
+                Ok(stream) => {
+                    // One small request, one small reply: never wait for Nagle.
+                    if let Err(e) = stream.set_nodelay(true) {
+                        debug!(%address, error = %e, "TCP_NODELAY not set");
+                    }
+                    return Ok(tokio_modbus::client::tcp::attach_slave(
+                        stream,
+                        Slave(unit_id),
+                    ));
+                }
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(match last_error {
+            Some(e) => ConnectError::Io(e),
+            None => ConnectError::NoAddress(address.clone()),
+        })
+    };
+    match timeout(limit, attempt).await {
+        Ok(res) => res,
+        Err(_) => Err(ConnectError::Timeout(limit)),
+    }
+}
+
+/// Sends one read and checks that the reply fits the request.
+async fn read(link: &mut Context, req: &ReadRequest) -> Result<Reply, LinkError> {
+    let (start, count) = (req.start, req.count);
+    let request = match req.area {
+        Area::Coil => Request::ReadCoils(start, count),
+        Area::DiscreteInput => Request::ReadDiscreteInputs(start, count),
+        Area::InputRegister => Request::ReadInputRegisters(start, count),
+        Area::HoldingRegister => Request::ReadHoldingRegisters(start, count),
+    };
+    let response = match link.call(request).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(code)) => return Ok(Reply::Exception(code)),
+        Err(tokio_modbus::Error::Transport(e)) => return Err(LinkError::Transport(e)),
+        Err(tokio_modbus::Error::Protocol(e)) => return Err(LinkError::Protocol(e.to_string())),
+    };
+    let want = usize::from(count);
+    match (req.area, response) {
+        (Area::Coil, Response::ReadCoils(mut bits))
+        | (Area::DiscreteInput, Response::ReadDiscreteInputs(mut bits)) => {
+            // Bits come packed in bytes: up to 7 padding bits follow.
+            if bits.len() < want {
+                return Err(LinkError::Protocol(format!(
+                    "{} bits answered to a read of {want}",
+                    bits.len()
+                )));
+            }
+            bits.truncate(want);
+            Ok(Reply::Bits(bits))
+        }
+        (Area::InputRegister, Response::ReadInputRegisters(words))
+        | (Area::HoldingRegister, Response::ReadHoldingRegisters(words)) => {
+            if words.len() != want {
+                return Err(LinkError::Protocol(format!(
+                    "{} registers answered to a read of {want}",
+                    words.len()
+                )));
+            }
+            Ok(Reply::Registers(words))
+        }
+        (_, other) => Err(LinkError::Protocol(format!(
+            "reply with function code {} to a read of {:?}",
+            other.function_code().value(),
+            req.area
+        ))),
+    }
+}

@@ -1,0 +1,251 @@
+//! Python peers for interoperability tests.
+//!
+//! The peers live in `tests/py/` and run in a virtual environment at
+//! `<workspace>/.venv` (or the interpreter named by `$TWIN_PYTHON`). The
+//! tests never skip when it is missing: they fail and print the command that
+//! creates it.
+//!
+//! [`start_pymodbus`] runs `tests/py/modbus_server.py`, a pymodbus server
+//! whose registers hold values encoded by pymodbus itself, and returns the
+//! expectations it wrote: an independent check of the gateway's decoding.
+
+use anyhow::{bail, Context as _};
+use serde::Deserialize;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::process::{Child, Command};
+
+/// Environment variable naming the Python interpreter to use.
+pub const PYTHON_ENV: &str = "TWIN_PYTHON";
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The Python interpreter with the test requirements installed.
+pub fn python() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os(PYTHON_ENV) {
+        return Ok(PathBuf::from(p));
+    }
+    let root = crate::workspace_root();
+    let python = root.join(".venv/bin/python");
+    if !python.exists() {
+        bail!(
+            "{} not found: the interoperability tests need the Python peers. Create the \
+             environment with\n  python3 -m venv {root}/.venv && {root}/.venv/bin/pip install -r \
+             {root}/tests/py/requirements.txt\nor set {PYTHON_ENV} to an interpreter that has them.",
+            python.display(),
+            root = root.display()
+        );
+    }
+    Ok(python)
+}
+
+/// The path of a script in `tests/py/`.
+pub fn script(name: &str) -> PathBuf {
+    crate::workspace_root().join("tests/py").join(name)
+}
+
+/// One value the pymodbus server holds.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PyPoint {
+    pub name: String,
+    /// `holding_register`, `input_register`, `coil` or `discrete_input`.
+    pub area: String,
+    pub address: u16,
+    /// `u16`, `i16`, `u32`, `i32`, `u64`, `i64`, `f32`, `f64`, `string` or `bool`.
+    #[serde(rename = "type")]
+    pub data_type: String,
+    /// `ABCD`, `BADC`, `CDAB` or `DCBA`.
+    pub order: String,
+    pub length_registers: u16,
+    pub expected: serde_json::Value,
+    /// The raw registers pymodbus encoded (empty for bits).
+    pub registers: Vec<u16>,
+}
+
+#[derive(Debug, Deserialize)]
+struct PointsFile {
+    unit_id: u8,
+    points: Vec<PyPoint>,
+}
+
+/// A running pymodbus server. Killed on drop.
+pub struct PyModbus {
+    child: Child,
+    port: u16,
+    pub unit_id: u8,
+    pub points: Vec<PyPoint>,
+    dir: tempfile::TempDir,
+}
+
+impl PyModbus {
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, self.port))
+    }
+    /// The point called `name`.
+    pub fn point(&self, name: &str) -> anyhow::Result<&PyPoint> {
+        self.points
+            .iter()
+            .find(|p| p.name == name)
+            .with_context(|| format!("the pymodbus server has no point {name}"))
+    }
+    /// What the server printed on stdout and stderr so far.
+    pub fn output(&self) -> String {
+        let read = |n: &str| std::fs::read_to_string(self.dir.path().join(n)).unwrap_or_default();
+        format!("stdout:\n{}\nstderr:\n{}", read("stdout"), read("stderr"))
+    }
+    /// Stops the server.
+    pub async fn stop(&mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// Starts `tests/py/modbus_server.py` on a free loopback port and waits
+/// until it accepts connections.
+pub async fn start_pymodbus() -> anyhow::Result<PyModbus> {
+    let python = python()?;
+    let mut last_error = None;
+    for _ in 0..3 {
+        match try_start(&python, crate::free_port()).await {
+            Ok(server) => return Ok(server),
+            // Most likely the port was taken in between: try another.
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.expect("the loop ran at least once"))
+}
+
+async fn try_start(python: &std::path::Path, port: u16) -> anyhow::Result<PyModbus> {
+    let dir = tempfile::Builder::new()
+        .prefix("twin-pymodbus-")
+        .tempdir()
+        .context("creating the pymodbus directory")?;
+    let points = dir.path().join("points.json");
+    let out = |n: &str| -> anyhow::Result<std::fs::File> {
+        std::fs::File::create(dir.path().join(n)).with_context(|| format!("creating {n}"))
+    };
+    let mut child = Command::new(python)
+        .arg(script("modbus_server.py"))
+        .arg("--port")
+        .arg(port.to_string())
+        .arg("--points")
+        .arg(&points)
+        .stdin(Stdio::null())
+        .stdout(out("stdout")?)
+        .stderr(out("stderr")?)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", python.display()))?;
+    let output = |dir: &tempfile::TempDir| {
+        let read = |n: &str| std::fs::read_to_string(dir.path().join(n)).unwrap_or_default();
+        format!("stdout:\n{}\nstderr:\n{}", read("stdout"), read("stderr"))
+    };
+    let ready = format!("READY {port}");
+    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+    loop {
+        let stdout = std::fs::read_to_string(dir.path().join("stdout")).unwrap_or_default();
+        if stdout.lines().any(|l| l.trim() == ready) {
+            break;
+        }
+        if let Some(status) = child
+            .try_wait()
+            .context("waiting for the pymodbus server")?
+        {
+            bail!(
+                "the pymodbus server exited ({status}) before it was ready\n{}",
+                output(&dir)
+            );
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let _ = child.kill().await;
+            bail!(
+                "the pymodbus server was not ready within {READY_TIMEOUT:?}\n{}",
+                output(&dir)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = std::fs::read_to_string(&points)
+        .with_context(|| format!("reading {}", points.display()))?;
+    let parsed: PointsFile =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", points.display()))?;
+    Ok(PyModbus {
+        child,
+        port,
+        unit_id: parsed.unit_id,
+        points: parsed.points,
+        dir,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::{decode, decode_string, Order};
+    use tokio_modbus::client::{tcp, Reader};
+
+    fn order(s: &str) -> Order {
+        match s {
+            "ABCD" => Order::Abcd,
+            "BADC" => Order::Badc,
+            "CDAB" => Order::Cdab,
+            "DCBA" => Order::Dcba,
+            other => panic!("unknown order {other}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn pymodbus_registers_decode_to_the_values_pymodbus_encoded() {
+        let server = start_pymodbus().await.unwrap();
+        let mut ctx = tcp::connect_slave(server.addr(), tokio_modbus::Slave(server.unit_id))
+            .await
+            .unwrap();
+        let mut checked = 0;
+        for p in &server.points {
+            let regs = match p.area.as_str() {
+                "holding_register" => {
+                    ctx.read_holding_registers(p.address, p.length_registers)
+                        .await
+                }
+                "input_register" => {
+                    ctx.read_input_registers(p.address, p.length_registers)
+                        .await
+                }
+                _ => continue,
+            }
+            .unwrap()
+            .unwrap();
+            assert_eq!(regs, p.registers, "{}\n{}", p.name, server.output());
+            let be = decode(&regs, order(&p.order));
+            let v = &p.expected;
+            let ok = match p.data_type.as_str() {
+                "u16" => v.as_u64() == Some(u16::from_be_bytes([be[0], be[1]]).into()),
+                "i16" => v.as_i64() == Some(i16::from_be_bytes([be[0], be[1]]).into()),
+                "u32" => v.as_u64() == Some(u32::from_be_bytes(be[..4].try_into().unwrap()).into()),
+                "i32" => v.as_i64() == Some(i32::from_be_bytes(be[..4].try_into().unwrap()).into()),
+                "u64" => v.as_u64() == Some(u64::from_be_bytes(be[..8].try_into().unwrap())),
+                "i64" => v.as_i64() == Some(i64::from_be_bytes(be[..8].try_into().unwrap())),
+                "f32" => v.as_f64() == Some(f32::from_be_bytes(be[..4].try_into().unwrap()).into()),
+                "f64" => v.as_f64() == Some(f64::from_be_bytes(be[..8].try_into().unwrap())),
+                "string" => v.as_str() == Some(decode_string(&regs).as_str()),
+                other => panic!("unexpected type {other}"),
+            };
+            assert!(ok, "{}: {v} vs {be:02x?}", p.name);
+            checked += 1;
+        }
+        assert!(checked >= 30, "only {checked} register points");
+        let coils = ctx.read_coils(0, 10).await.unwrap().unwrap();
+        for p in server.points.iter().filter(|p| p.area == "coil") {
+            assert_eq!(
+                serde_json::Value::Bool(coils[usize::from(p.address)]),
+                p.expected,
+                "{}",
+                p.name
+            );
+        }
+        let u32_badc = server.point("hr_u32_badc").unwrap();
+        assert_eq!(u32_badc.registers, [0x3412, 0x7856]);
+    }
+}
