@@ -18,6 +18,7 @@ pub mod clock;
 pub mod config;
 pub mod device;
 pub mod keyfile;
+pub mod logging;
 pub mod mqtt;
 pub mod pki;
 pub mod run;

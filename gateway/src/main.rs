@@ -78,22 +78,10 @@ enum PkiCommand {
     },
 }
 
-fn init_logging(format: LogFormat) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 fn main() -> ExitCode {
     gateway::tls::install_default_provider();
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    gateway::logging::init("info", matches!(cli.log_format, LogFormat::Json));
     match real_main(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -183,3 +183,161 @@ pub fn explain(err: &(dyn std::error::Error + 'static)) -> String {
         None => text,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{Ca, Validity};
+    use rustls::server::WebPkiClientVerifier;
+    use rustls::{ClientConnection, ServerConfig, ServerConnection};
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        tls: TlsConfig,
+        server_chain: Vec<CertificateDer<'static>>,
+        server_key_pem: String,
+        ca_file: PathBuf,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::new("test CA", Validity::days(1)).unwrap();
+        let server = ca
+            .issue_server("broker", &["localhost".into()], Validity::days(1))
+            .unwrap();
+        let client = ca.issue_client("gw-1", Validity::days(1)).unwrap();
+        let p = |n: &str| dir.path().join(n);
+        std::fs::write(p("ca.pem"), &ca.cert_pem).unwrap();
+        std::fs::write(p("client.pem"), &client.cert_pem).unwrap();
+        keyfile::write_private(&p("client.key"), &client.key_pem).unwrap();
+        let server_chain = CertificateDer::pem_slice_iter(server.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        Fixture {
+            tls: TlsConfig {
+                ca_file: p("ca.pem"),
+                cert_file: p("client.pem"),
+                key_file: p("client.key"),
+                min_version: TlsVersion::Tls13,
+                server_name: None,
+            },
+            server_chain,
+            server_key_pem: server.key_pem,
+            ca_file: p("ca.pem"),
+            _dir: dir,
+        }
+    }
+
+    /// A broker-like server that requires a client certificate from the CA.
+    fn server(
+        f: &Fixture,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> ServerConnection {
+        let roots = Arc::new(root_store(&f.ca_file).unwrap());
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
+            .build()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(f.server_key_pem.as_bytes()).unwrap();
+        let cfg = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(f.server_chain.clone(), key)
+            .unwrap();
+        ServerConnection::new(Arc::new(cfg)).unwrap()
+    }
+
+    /// Runs a handshake in memory; the negotiated version, or the error.
+    fn handshake(
+        client_cfg: Arc<ClientConfig>,
+        name: &str,
+        mut server: ServerConnection,
+    ) -> Result<rustls::ProtocolVersion, rustls::Error> {
+        let mut client =
+            ClientConnection::new(client_cfg, ServerName::try_from(name.to_owned()).unwrap())
+                .unwrap();
+        for _ in 0..20 {
+            let mut buf = Vec::new();
+            client.write_tls(&mut buf).unwrap();
+            server.read_tls(&mut buf.as_slice()).unwrap();
+            server.process_new_packets()?;
+            let mut buf = Vec::new();
+            server.write_tls(&mut buf).unwrap();
+            client.read_tls(&mut buf.as_slice()).unwrap();
+            client.process_new_packets()?;
+            if !client.is_handshaking() && !server.is_handshaking() {
+                return Ok(client.protocol_version().unwrap());
+            }
+        }
+        panic!("handshake did not finish");
+    }
+
+    #[test]
+    fn tls_13_is_the_default_and_12_needs_the_setting() {
+        let f = fixture();
+        let both = [&rustls::version::TLS13, &rustls::version::TLS12];
+        let v = handshake(
+            client_config(&f.tls).unwrap(),
+            "localhost",
+            server(&f, &both),
+        )
+        .unwrap();
+        assert_eq!(v, rustls::ProtocolVersion::TLSv1_3);
+        // A server that only speaks TLS 1.2 is refused by default...
+        let e = handshake(
+            client_config(&f.tls).unwrap(),
+            "localhost",
+            server(&f, &[&rustls::version::TLS12]),
+        );
+        assert!(e.is_err());
+        // ...and accepted when 1.2 is configured.
+        let tls12 = TlsConfig {
+            min_version: TlsVersion::Tls12,
+            ..f.tls.clone()
+        };
+        let v = handshake(
+            client_config(&tls12).unwrap(),
+            "localhost",
+            server(&f, &[&rustls::version::TLS12]),
+        )
+        .unwrap();
+        assert_eq!(v, rustls::ProtocolVersion::TLSv1_2);
+    }
+
+    #[test]
+    fn the_broker_name_is_always_verified_and_server_name_overrides_the_host() {
+        let f = fixture();
+        let both = [&rustls::version::TLS13, &rustls::version::TLS12];
+        let e = handshake(
+            client_config(&f.tls).unwrap(),
+            "127.0.0.1",
+            server(&f, &both),
+        )
+        .unwrap_err();
+        assert!(
+            explain(&e).contains("not issued for this host name"),
+            "{}",
+            explain(&e)
+        );
+        let named = TlsConfig {
+            server_name: Some("localhost".into()),
+            ..f.tls.clone()
+        };
+        assert!(handshake(
+            client_config(&named).unwrap(),
+            "127.0.0.1",
+            server(&f, &both)
+        )
+        .is_ok());
+        let wrong = TlsConfig {
+            server_name: Some("other.example".into()),
+            ..f.tls.clone()
+        };
+        assert!(handshake(
+            client_config(&wrong).unwrap(),
+            "localhost",
+            server(&f, &both)
+        )
+        .is_err());
+    }
+}

@@ -68,7 +68,7 @@ pub fn mosquitto_bin() -> anyhow::Result<PathBuf> {
     if !bin.is_file() {
         bail!(
             "Mosquitto is not installed ({} not found). The end-to-end tests need a real broker: \
-             run the test script that installs it (it runs `apt-get install -y mosquitto`), \
+             run `scripts/test.sh`, which installs it with apt, \
              or set {MOSQUITTO_ENV} to the broker binary.",
             bin.display()
         );

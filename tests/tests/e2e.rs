@@ -43,7 +43,21 @@ impl Subscriber {
         identity: Identity,
         filter: &str,
     ) -> anyhow::Result<Self> {
-        let opts = broker.client_options(pki, id, identity)?;
+        Self::start_with(broker, pki, id, identity, filter, false).await
+    }
+
+    /// `persistent`: a durable session (clean_session = false), so the broker
+    /// keeps messages for it across its own restarts and ours.
+    async fn start_with(
+        broker: &Mosquitto,
+        pki: &TestPki,
+        id: &str,
+        identity: Identity,
+        filter: &str,
+        persistent: bool,
+    ) -> anyhow::Result<Self> {
+        let mut opts = broker.client_options(pki, id, identity)?;
+        opts.set_clean_session(!persistent);
         let (client, mut events) = AsyncClient::new(opts, 64);
         let (tx, rx) = mpsc::unbounded_channel();
         let (ready_tx, mut ready_rx) = mpsc::channel(1);
@@ -91,12 +105,28 @@ struct Twin {
 
 impl Twin {
     async fn start(broker: &Mosquitto, pki: &TestPki, window: usize) -> anyhow::Result<Self> {
+        Self::start_with(broker, pki, window, false).await
+    }
+
+    async fn start_with(
+        broker: &Mosquitto,
+        pki: &TestPki,
+        window: usize,
+        persistent: bool,
+    ) -> anyhow::Result<Self> {
         let mut trust = TrustStore::new();
         let kid = trust.add_pem(&std::fs::read_to_string(&pki.gateway_signing_pub)?)?;
         let mut watcher = Watcher::new("twin", trust).with_window(window);
         watcher.pin(GW, &kid);
-        let sub =
-            Subscriber::start(broker, pki, "cloud-twin", Identity::Operator, "twin/#").await?;
+        let sub = Subscriber::start_with(
+            broker,
+            pki,
+            "cloud-twin",
+            Identity::Operator,
+            "twin/#",
+            persistent,
+        )
+        .await?;
         Ok(Twin {
             sub,
             watcher,
@@ -695,5 +725,63 @@ async fn a_private_key_readable_by_others_stops_the_gateway_from_starting() -> a
         assert!(err.contains("chmod 600"), "{err}");
         std::fs::set_permissions(key, std::fs::Permissions::from_mode(0o600))?;
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_gateway_reconnects_after_a_broker_restart_and_the_chain_continues(
+) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering;
+    init();
+    let pki = TestPki::new(GW)?;
+    let mut broker = Mosquitto::start(
+        &pki,
+        BrokerOptions {
+            persistence: true,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let plc = PlcSim::start("127.0.0.1:0".parse()?).await?;
+    let mut twin = Twin::start_with(&broker, &pki, 4096, true).await?;
+    let cfg = tank_config(&pki, broker.port(), plc.addr(), 100)?;
+    let gw = gateway::run::start(cfg).await?;
+    twin.until(Duration::from_secs(10), "10 batches", |t| {
+        t.view().batches >= 10
+    })
+    .await?;
+
+    broker.stop().await;
+    let mut link = gw.link.clone();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        link.wait_for(|s| matches!(s, LinkState::Failed(_))),
+    )
+    .await
+    .context("the gateway noticed the broker going away")??;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let signed_during_outage = gw.uplink_stats.last_seq.load(Ordering::Relaxed);
+    broker.restart().await?;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        link.wait_for(|s| *s == LinkState::Connected),
+    )
+    .await
+    .context("the gateway reconnected by itself")??;
+    twin.until(
+        Duration::from_secs(15),
+        "batches signed during and after the outage",
+        |t| t.view().latest_seq >= signed_during_outage + 5,
+    )
+    .await?;
+    assert!(gw.link_stats.connects.load(Ordering::Relaxed) >= 2);
+    gw.stop().await;
+    let v = twin.view();
+    assert!(
+        v.gaps.is_empty(),
+        "no batch lost across a short broker restart: {:?}",
+        v.gaps
+    );
+    assert!(twin.rejections().is_empty(), "{:?}", twin.rejections());
     Ok(())
 }

@@ -76,12 +76,7 @@ fn load_trust(paths: &[PathBuf]) -> anyhow::Result<TrustStore> {
 
 fn main() -> ExitCode {
     gateway::tls::install_default_provider();
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    gateway::logging::init("warn", false);
     match real_main(Cli::parse()) {
         Ok(c) => c,
         Err(e) => {

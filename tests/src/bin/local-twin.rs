@@ -36,12 +36,7 @@ const GATEWAY_ID: &str = "plant1-gw1";
 fn main() -> anyhow::Result<()> {
     gateway::tls::install_default_provider();
     let args = Args::parse();
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    gateway::logging::init("warn", false);
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(run(args))
 }

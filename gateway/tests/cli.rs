@@ -1,0 +1,130 @@
+//! The `gateway` command line as an OT engineer uses it.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn gateway(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(args)
+        .current_dir(dir)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("the gateway binary runs")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn dev_pki_then_check_of_the_example_config_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = gateway(
+        &["pki", "dev", "--gateway-id", "plant1-gw1", "--out", "pki"],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    for key in [
+        "gateway.key.pem",
+        "gateway-signing.key.pem",
+        "broker.key.pem",
+        "operator.key.pem",
+        "operator-signing.key.pem",
+    ] {
+        let mode = std::fs::metadata(dir.path().join("pki").join(key))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{key}");
+    }
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.example.toml"),
+        dir.path().join("gateway.toml"),
+    )
+    .unwrap();
+    let out = gateway(&["check", "-c", "gateway.toml"], dir.path());
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("OK: gateway plant1-gw1, 1 device(s), 16 tag(s)"),
+        "{}",
+        text(&out)
+    );
+
+    let out = gateway(
+        &["key", "public", "pki/gateway-signing.key.pem"],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let printed = text(&out);
+    let kid = printed
+        .lines()
+        .next()
+        .unwrap()
+        .strip_prefix("kid: ")
+        .unwrap();
+    let pem = std::fs::read_to_string(dir.path().join("pki/gateway-signing.pub.pem")).unwrap();
+    let mut trust = twin_model::TrustStore::new();
+    assert_eq!(
+        trust.add_pem(&pem).unwrap(),
+        kid,
+        "printed kid is the thumbprint of the public key"
+    );
+}
+
+#[test]
+fn check_reports_every_error_with_its_line_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = gateway(
+        &["pki", "dev", "--gateway-id", "plant1-gw1", "--out", "pki"],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let example =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.example.toml"))
+            .unwrap();
+    // Two mistakes: a misspelt option and a duplicated tag name.
+    let broken = example
+        .replacen("poll_interval_ms =", "pol_interval_ms =", 1)
+        .replacen("name = \"tank1.inflow\"", "name = \"tank1.level\"", 1);
+    assert_ne!(broken, example);
+    std::fs::write(dir.path().join("gateway.toml"), &broken).unwrap();
+    std::fs::set_permissions(
+        dir.path().join("pki/gateway.key.pem"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let out = gateway(&["check", "-c", "gateway.toml"], dir.path());
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let t = text(&out);
+    let line_of = |needle: &str| broken.lines().position(|l| l.contains(needle)).unwrap() + 1;
+    assert!(
+        t.contains(&format!("gateway.toml:{}:", line_of("pol_interval_ms")))
+            && t.contains("poll_interval_ms"),
+        "{t}"
+    );
+    let dup_line = broken
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.contains("name = \"tank1.level\""))
+        .nth(1)
+        .unwrap()
+        .0
+        + 1;
+    assert!(
+        t.contains(&format!("gateway.toml:{dup_line}:")) && t.contains("tank1.level"),
+        "{t}"
+    );
+    assert!(t.contains("chmod 600"), "{t}");
+    assert!(t.contains("3 error(s)"), "{t}");
+
+    // `run` refuses the same file without connecting anywhere.
+    let out = gateway(&["run", "-c", "gateway.toml"], dir.path());
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("not starting"), "{}", text(&out));
+}
