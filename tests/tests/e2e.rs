@@ -260,11 +260,12 @@ async fn tank_values_reach_the_twin_signed_in_order_and_the_sequence_survives_a_
         let checks = [
             (
                 "tank1.level",
-                val("tank1.level") == Some(Value::Float(f64::from(snap.level))),
+                val("tank1.level") == Some(Value::Float(twin_model::sample::widen_f32(snap.level))),
             ),
             (
                 "tank1.pressure",
-                val("tank1.pressure") == Some(Value::Float(f64::from(snap.pressure))),
+                val("tank1.pressure")
+                    == Some(Value::Float(twin_model::sample::widen_f32(snap.pressure))),
             ),
             (
                 "tank1.energy",

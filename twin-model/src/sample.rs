@@ -63,6 +63,17 @@ impl std::fmt::Display for Value {
     }
 }
 
+/// Widens a 32-bit float to the double nearest to its shortest decimal
+/// form, so a register holding `2.38` is published as `2.38`, not as
+/// `2.380000114440918`. Narrowing the result back with `as f32` gives the
+/// original value exactly.
+pub fn widen_f32(x: f32) -> f64 {
+    if !x.is_finite() {
+        return f64::from(x);
+    }
+    x.to_string().parse().unwrap_or(f64::from(x))
+}
+
 /// How far a sample can be trusted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -167,6 +178,16 @@ mod tests {
         assert_eq!(Value::Int(42), Value::UInt(42));
         assert_ne!(Value::Int(-1), Value::UInt(u64::MAX));
         assert_ne!(Value::Float(1.0), Value::Int(1));
+    }
+
+    #[test]
+    fn widened_f32_keeps_its_short_decimal_and_narrows_back_exactly() {
+        assert_eq!(widen_f32(2.38), 2.38);
+        assert_eq!(widen_f32(-1234.5625), -1234.5625);
+        for x in [0.1f32, 1.0e-38, 3.4028235e38, -7.0e-45, 123456.79] {
+            assert_eq!(widen_f32(x) as f32, x);
+        }
+        assert!(widen_f32(f32::NAN).is_nan());
     }
 
     #[test]

@@ -118,3 +118,59 @@ pub fn json_line(ev: &WatchEvent) -> String {
     };
     v.to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::watch::{GatewayView, TagView};
+    use std::collections::BTreeMap;
+    use twin_model::Value;
+
+    #[test]
+    fn gaps_rejections_and_bad_quality_are_shown_loudly() {
+        let mut v = GatewayView::default();
+        v.tags.insert(
+            "tank1.level".into(),
+            TagView {
+                value: Some(Value::Float(2.5)),
+                quality: Quality::Good,
+                reason: None,
+                ts_ms: 1_000,
+            },
+        );
+        v.tags.insert(
+            "tank1.flow".into(),
+            TagView {
+                value: None,
+                quality: Quality::Bad,
+                reason: Some("timeout".into()),
+                ts_ms: 500,
+            },
+        );
+        v.gaps = vec![(5, 7)];
+        v.rejected = 2;
+        let mut gws = BTreeMap::new();
+        gws.insert("gw".to_string(), v);
+        let t = table(&gws, 2, 3_000, false);
+        assert!(
+            t.contains("tank1.level") && t.contains("2.5") && t.contains("2.0s"),
+            "{t}"
+        );
+        assert!(t.contains("BAD") && t.contains("timeout"), "{t}");
+        assert!(t.contains("!! 3 batch(es) MISSING: [(5, 7)]"), "{t}");
+        assert!(t.contains("!! 2 message(s) REJECTED"), "{t}");
+    }
+
+    #[test]
+    fn events_are_json_lines() {
+        let ev = WatchEvent::Batch {
+            gateway: "gw".into(),
+            seq: 9,
+            points: 3,
+            continuity: Continuity::Gap { from: 4, to: 8 },
+        };
+        let v: serde_json::Value = serde_json::from_str(&json_line(&ev)).unwrap();
+        assert_eq!(v["continuity"], "gap");
+        assert_eq!(v["missing"], serde_json::json!([4, 8]));
+    }
+}

@@ -128,3 +128,88 @@ async fn emit(
     let _ = out.send(msg).await;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mqtt::OutgoingKind;
+    use std::collections::HashMap;
+    use twin_model::{Sample, SigningKey, Value};
+
+    fn uplink(dir: &std::path::Path, flush: Duration) -> Uplink {
+        let key = Arc::new(SigningKey::from_seed(&[5; 32]).unwrap());
+        let signer = signer::Signer::new(
+            key.clone(),
+            "gw".into(),
+            "twin/gw/telemetry".into(),
+            state::StateFile::new(dir),
+        )
+        .unwrap();
+        Uplink {
+            batcher: batcher::Batcher::new("gw", 17, 131_072),
+            signer,
+            reported: reported::Reporter::new(
+                "gw",
+                0,
+                HashMap::new(),
+                key,
+                "twin/gw/reported".into(),
+                131_072,
+            ),
+            flush_interval: flush,
+            reported_interval: Duration::from_secs(3600),
+            stats: Arc::new(UplinkStats::default()),
+        }
+    }
+
+    fn event(n: usize, cycle_done: bool) -> DeviceEvent {
+        DeviceEvent {
+            device: "d".into(),
+            samples: (0..n)
+                .map(|i| Sample::good(format!("t{i}"), Value::Int(i as i64), 1))
+                .collect(),
+            cycle_done,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_completed_cycle_flushes_at_once_and_a_partial_one_after_the_flush_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, rx) = mpsc::channel(8);
+        let (out_tx, mut out) = mpsc::channel(8);
+        let task = tokio::spawn(run(
+            uplink(dir.path(), Duration::from_millis(5)),
+            rx,
+            out_tx,
+        ));
+
+        tx.send(event(3, true)).await.unwrap();
+        let m = out.recv().await.unwrap();
+        assert_eq!(m.kind, OutgoingKind::Batch { seq: 1, points: 3 });
+
+        let sent = Instant::now();
+        tx.send(event(2, false)).await.unwrap();
+        let m = out.recv().await.unwrap();
+        assert_eq!(m.kind, OutgoingKind::Batch { seq: 2, points: 2 });
+        assert_eq!(
+            sent.elapsed(),
+            Duration::from_millis(5),
+            "flushed by the timer, not before"
+        );
+
+        // Closing the input ends the task after a final reported twin.
+        drop(tx);
+        let last = out.recv().await.unwrap();
+        assert!(
+            matches!(last.kind, OutgoingKind::Reported { version: 3 }),
+            "{:?}",
+            last.kind
+        );
+        task.await.unwrap().unwrap();
+        assert_eq!(
+            state::StateFile::new(dir.path()).load().unwrap().seq,
+            2,
+            "position persisted"
+        );
+    }
+}

@@ -35,7 +35,7 @@
 //! ([`reason::INVALID_STRING`]).
 
 use crate::config::{Area, ByteOrder, DataType, ModbusTag};
-use twin_model::sample::reason;
+use twin_model::sample::{reason, widen_f32};
 use twin_model::{Sample, Value};
 
 /// The part of a read response that holds one tag, starting at the tag's
@@ -181,7 +181,7 @@ pub fn decode_value(tag: &ModbusTag, raw: Raw<'_>) -> Result<Value, DecodeError>
             let v = i64::from_be_bytes(canonical(regs, order)?);
             integer(tag, Value::Int(v), v as f64)
         }
-        DataType::F32 => float(tag, f64::from(f32::from_be_bytes(canonical(regs, order)?))),
+        DataType::F32 => float(tag, widen_f32(f32::from_be_bytes(canonical(regs, order)?))),
         DataType::F64 => float(tag, f64::from_be_bytes(canonical(regs, order)?)),
         DataType::String { registers } => {
             let need = usize::from(registers);
@@ -689,7 +689,7 @@ mod tests {
             any::<i64>().prop_map(|v| (DataType::I64, Value::Int(v))),
             any::<f32>()
                 .prop_filter("finite", |f| f.is_finite())
-                .prop_map(|v| (DataType::F32, Value::Float(v.into()))),
+                .prop_map(|v| (DataType::F32, Value::Float(widen_f32(v)))),
             any::<f64>()
                 .prop_filter("finite", |f| f.is_finite())
                 .prop_map(|v| (DataType::F64, Value::Float(v))),
