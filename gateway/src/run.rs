@@ -25,6 +25,12 @@ use tokio_util::sync::CancellationToken;
 use twin_model::topics::Topics;
 use twin_model::SigningKey;
 
+/// Poll cycles that may wait for the uplink. Small on purpose: when the
+/// link is the bottleneck, polling slows down instead of memory growing.
+const DEVICE_QUEUE: usize = 16;
+/// Signed messages that may wait for the MQTT link.
+const OUTGOING_QUEUE: usize = 16;
+
 /// How long an orderly shutdown may take before stragglers are abandoned.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -95,8 +101,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<GatewayHandle> {
 
     let stop_devices = CancellationToken::new();
     let abort = CancellationToken::new();
-    let (dev_tx, dev_rx) = mpsc::channel::<DeviceEvent>(256);
-    let (out_tx, out_rx) = mpsc::channel::<Outgoing>(256);
+    let (dev_tx, dev_rx) = mpsc::channel::<DeviceEvent>(DEVICE_QUEUE);
+    let (out_tx, out_rx) = mpsc::channel::<Outgoing>(OUTGOING_QUEUE);
     let (state_tx, state_rx) = watch::channel(LinkState::Connecting);
     let uplink_stats = Arc::new(UplinkStats::default());
     let link_stats = Arc::new(LinkStats::default());
