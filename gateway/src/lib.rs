@@ -20,6 +20,7 @@ pub mod device;
 pub mod keyfile;
 pub mod logging;
 pub mod mqtt;
+pub mod outbox;
 pub mod pki;
 pub mod run;
 pub mod tls;

@@ -47,10 +47,25 @@ enum Command {
         #[command(subcommand)]
         command: PkiCommand,
     },
+    /// Health check (for containers): exits 0 when the configuration is valid
+    /// and a batch was committed to data_dir recently, 1 otherwise.
+    Health {
+        #[arg(short, long, default_value = "gateway.toml")]
+        config: PathBuf,
+        /// Oldest acceptable last batch, in seconds. Default: three poll
+        /// intervals of the slowest device, at least 60.
+        #[arg(long)]
+        max_age_s: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]
 enum KeyCommand {
+    /// Create a key for encrypting the outbox at rest (AES-256-GCM, 64 hex characters, mode 0600).
+    Outbox {
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Print the key id and public key (PEM) of a telemetry signing key, for the cloud twin's trust store.
     Public {
         /// Ed25519 private key, PKCS#8 PEM.
@@ -154,6 +169,22 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Key {
+            command: KeyCommand::Outbox { out },
+        } => {
+            let mut key = [0u8; 32];
+            aws_lc_rs::rand::fill(&mut key).context("the system random generator")?;
+            let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+            if out.exists() {
+                anyhow::bail!("{} exists; not overwriting a key", out.display());
+            }
+            gateway::keyfile::write_private(&out, &format!("{hex}\n"))?;
+            println!(
+                "outbox key written to {} (mode 0600); set [outbox] encryption_key_file to it",
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Key {
             command: KeyCommand::Public { key_file },
         } => {
             let key = gateway::run::load_signing_key(&key_file)?;
@@ -183,6 +214,62 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 files.dir.display()
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Health { config, max_age_s } => {
+            let cfg = match gateway::config::load(&config) {
+                Ok(c) => c,
+                Err(errors) => {
+                    eprint!("{errors}");
+                    println!(
+                        "unhealthy: {} error(s) in {}",
+                        errors.errors.len(),
+                        config.display()
+                    );
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            let slowest = cfg
+                .devices
+                .iter()
+                .map(|d| match d {
+                    gateway::config::DeviceConfig::Modbus(m) => m.poll_interval,
+                })
+                .max()
+                .unwrap_or_default();
+            let max_age = max_age_s
+                .map(std::time::Duration::from_secs)
+                .unwrap_or_else(|| (slowest * 3).max(std::time::Duration::from_secs(60)));
+            // The gateway commits its chain position to data_dir with every
+            // batch: the newest file there tells when it last made progress.
+            let dir = &cfg.gateway.data_dir;
+            let age = std::fs::read_dir(dir).and_then(|entries| {
+                let mut newest = None;
+                for entry in entries {
+                    let modified = entry?.metadata()?.modified()?;
+                    newest = newest.max(Some(modified));
+                }
+                newest
+                    .map(|t| t.elapsed().unwrap_or_default())
+                    .ok_or_else(|| std::io::Error::other("no batch committed yet"))
+            });
+            match age {
+                Ok(age) if age <= max_age => {
+                    println!("healthy: last batch committed {} ms ago", age.as_millis());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Ok(age) => {
+                    println!(
+                        "unhealthy: no batch committed for {} s (limit {} s)",
+                        age.as_secs(),
+                        max_age.as_secs()
+                    );
+                    Ok(ExitCode::FAILURE)
+                }
+                Err(e) => {
+                    println!("unhealthy: {}: {e}", dir.display());
+                    Ok(ExitCode::FAILURE)
+                }
+            }
         }
     }
 }

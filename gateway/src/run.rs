@@ -10,16 +10,21 @@
 use crate::config::{Config, DeviceConfig};
 use crate::device::{modbus::ModbusDriver, DeviceContext, DeviceEvent};
 use crate::mqtt::{self, LinkParams, LinkState, LinkStats, Outgoing};
+use crate::outbox::{Outbox, OutboxOptions};
 use crate::uplink::{
-    self, batcher::Batcher, reported::Reporter, signer::Signer, state::StateFile, Uplink,
-    UplinkStats,
+    self,
+    batcher::Batcher,
+    reported::Reporter,
+    signer::Signer,
+    writer::{self, WriteJob},
+    Uplink, UplinkStats,
 };
 use crate::{clock, keyfile, tls};
 use anyhow::Context as _;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use twin_model::topics::Topics;
@@ -28,8 +33,11 @@ use twin_model::SigningKey;
 /// Poll cycles that may wait for the uplink. Small on purpose: when the
 /// link is the bottleneck, polling slows down instead of memory growing.
 const DEVICE_QUEUE: usize = 16;
-/// Signed messages that may wait for the MQTT link.
-const OUTGOING_QUEUE: usize = 16;
+/// Signed batches that may wait for the outbox writer.
+const STORE_QUEUE: usize = 256;
+/// How long a shutdown may spend delivering stored batches; what is left
+/// stays in the outbox for the next start.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(3);
 
 /// How long an orderly shutdown may take before stragglers are abandoned.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(5);
@@ -39,6 +47,7 @@ pub struct GatewayHandle {
     pub link: watch::Receiver<LinkState>,
     pub uplink_stats: Arc<UplinkStats>,
     pub link_stats: Arc<LinkStats>,
+    pub outbox: Arc<Outbox>,
     /// Key id of the telemetry signing key.
     pub kid: String,
     stop_devices: CancellationToken,
@@ -53,24 +62,44 @@ pub fn load_signing_key(path: &std::path::Path) -> anyhow::Result<SigningKey> {
         .with_context(|| format!("{}: not an Ed25519 PKCS#8 private key", path.display()))
 }
 
+/// Reads the outbox encryption key (after checking its file permissions).
+fn load_outbox_cipher(path: &std::path::Path) -> anyhow::Result<crate::outbox::record::Cipher> {
+    let text = keyfile::read_private(path)?;
+    crate::outbox::record::Cipher::from_hex(&text)
+        .with_context(|| format!("{}: not an outbox key (64 hex characters; create one with `gateway key outbox --out FILE`)", path.display()))
+}
+
 /// Starts every task of the gateway. Fails before connecting anywhere if a
 /// key, certificate or the data directory cannot be used.
 pub async fn start(cfg: Config) -> anyhow::Result<GatewayHandle> {
     let key = Arc::new(load_signing_key(&cfg.signing.key_file)?);
     let tls_config = tls::client_config(&cfg.mqtt.tls).context("MQTT TLS setup")?;
+    let cipher = cfg
+        .outbox
+        .encryption_key_file
+        .as_deref()
+        .map(load_outbox_cipher)
+        .transpose()?;
     create_data_dir(&cfg.gateway.data_dir)?;
     let topics = Topics::new(&cfg.mqtt.topic_prefix, &cfg.gateway.id);
-    let signer = Signer::new(
-        key.clone(),
-        cfg.gateway.id.clone(),
-        topics.telemetry(),
-        StateFile::new(&cfg.gateway.data_dir),
-    )?;
-    let chain = signer.state();
+    let (outbox, opened) = Outbox::open(
+        &cfg.gateway.data_dir,
+        OutboxOptions {
+            config: cfg.outbox.clone(),
+            cipher,
+            key: key.clone(),
+            gateway_id: cfg.gateway.id.clone(),
+        },
+    )
+    .with_context(|| format!("{}: cannot open the outbox", cfg.gateway.data_dir.display()))?;
+    let outbox = Arc::new(outbox);
+    let chain = opened.chain;
+    let signer = Signer::new(key.clone(), cfg.gateway.id.clone(), chain);
     tracing::info!(
         gateway = %cfg.gateway.id,
         kid = key.kid(),
         next_seq = chain.seq + 1,
+        stored_batches = opened.records,
         devices = cfg.devices.len(),
         "gateway starting"
     );
@@ -101,8 +130,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<GatewayHandle> {
 
     let stop_devices = CancellationToken::new();
     let abort = CancellationToken::new();
+    let finish = CancellationToken::new();
+    let wake = Arc::new(Notify::new());
     let (dev_tx, dev_rx) = mpsc::channel::<DeviceEvent>(DEVICE_QUEUE);
-    let (out_tx, out_rx) = mpsc::channel::<Outgoing>(OUTGOING_QUEUE);
+    let (store_tx, store_rx) = mpsc::channel::<WriteJob>(STORE_QUEUE);
+    let (live_tx, live_rx) = mpsc::channel::<Outgoing>(4);
     let (state_tx, state_rx) = watch::channel(LinkState::Connecting);
     let uplink_stats = Arc::new(UplinkStats::default());
     let link_stats = Arc::new(LinkStats::default());
@@ -129,14 +161,24 @@ pub async fn start(cfg: Config) -> anyhow::Result<GatewayHandle> {
         reported_interval: cfg.mqtt.reported_interval,
         stats: uplink_stats.clone(),
     };
-    let uplink_abort = abort.clone();
     tasks.push((
         "uplink".into(),
+        tokio::spawn(uplink::run(uplink, dev_rx, store_tx, live_tx)),
+    ));
+
+    // The writer thread ends when the uplink has ended; then the link may
+    // drain the outbox and finish.
+    let writer_outbox = outbox.clone();
+    let writer_wake = wake.clone();
+    let writer_finish = finish.clone();
+    tasks.push((
+        "outbox writer".into(),
         tokio::spawn(async move {
-            if let Err(e) = uplink::run(uplink, dev_rx, out_tx).await {
-                tracing::error!(error = %e, "uplink stopped");
-                uplink_abort.cancel();
-            }
+            let _ = tokio::task::spawn_blocking(move || {
+                writer::run(writer_outbox, store_rx, writer_wake)
+            })
+            .await;
+            writer_finish.cancel();
         }),
     ));
 
@@ -147,16 +189,19 @@ pub async fn start(cfg: Config) -> anyhow::Result<GatewayHandle> {
         key: key.clone(),
         session: clock::now_ms(),
         seq_at_start: chain.seq,
+        outbox: outbox.clone(),
+        wake,
+        finish,
     };
     tasks.push((
         "mqtt".into(),
         tokio::spawn(mqtt::run(
             params,
-            out_rx,
+            live_rx,
             state_tx,
             link_stats.clone(),
             abort.clone(),
-            SHUTDOWN_DEADLINE,
+            DRAIN_DEADLINE,
         )),
     ));
 
@@ -164,6 +209,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<GatewayHandle> {
         link: state_rx,
         uplink_stats,
         link_stats,
+        outbox,
         kid: key.kid().to_owned(),
         stop_devices,
         abort,

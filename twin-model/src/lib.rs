@@ -9,6 +9,7 @@
 //! - [`batch`]: the signed telemetry batch (sequence number, hash chain, samples).
 //! - [`twin`]: the reported twin document (per-tag latest state, version).
 //! - [`status`]: the online/offline status message.
+//! - [`gap`]: the signed gap record (batches dropped, and why).
 //! - [`jws`]: JWS compact serialization with EdDSA (Ed25519), key ids, trust store.
 //! - [`verify`]: the batch verifier (signature, sequence continuity, hash chain).
 //! - [`topics`]: MQTT topic names.
@@ -17,6 +18,7 @@
 //! the tests in [`golden`] keep the document and the code in step.
 
 pub mod batch;
+pub mod gap;
 pub mod golden;
 pub mod jws;
 pub mod sample;

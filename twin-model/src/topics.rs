@@ -9,6 +9,8 @@ pub const DEFAULT_PREFIX: &str = "twin";
 pub const TELEMETRY: &str = "telemetry";
 /// The signed reported twin (QoS 1, retained).
 pub const REPORTED: &str = "reported";
+/// Signed gap records (QoS 1, not retained).
+pub const GAPS: &str = "gaps";
 /// Signed online/offline status (QoS 1, retained; the offline message is the last will).
 pub const STATUS: &str = "status";
 
@@ -32,6 +34,9 @@ impl Topics {
     }
     pub fn reported(&self) -> String {
         format!("{}/{REPORTED}", self.base)
+    }
+    pub fn gaps(&self) -> String {
+        format!("{}/{GAPS}", self.base)
     }
     pub fn status(&self) -> String {
         format!("{}/{STATUS}", self.base)

@@ -43,6 +43,7 @@ pub async fn subscribe_twin(
         twin_model::topics::TELEMETRY,
         twin_model::topics::REPORTED,
         twin_model::topics::STATUS,
+        twin_model::topics::GAPS,
     ] {
         client
             .subscribe(format!("{prefix}/{gw}/{kind}"), QoS::AtLeastOnce)
@@ -72,7 +73,7 @@ pub struct WatchSummary {
 impl WatchSummary {
     /// Nothing was rejected and no batch is missing.
     pub fn clean(&self) -> bool {
-        self.rejected == 0 && self.gateways.values().all(|v| v.gaps.is_empty())
+        self.rejected == 0 && self.gateways.values().all(|v| v.unexplained() == 0)
     }
 }
 

@@ -61,11 +61,21 @@ pub fn table(
                 t.reason.as_deref().unwrap_or("")
             );
         }
-        if !v.gaps.is_empty() {
+        if !v.gap_records.is_empty() {
+            let mut reasons: Vec<&str> =
+                v.gap_records.values().map(|g| g.reason.as_str()).collect();
+            reasons.dedup();
+            let batches: u64 = v.gap_records.values().map(|g| g.batches()).sum();
+            let points = v
+                .lost_points()
+                .map_or("an unknown number of".to_string(), |p| p.to_string());
+            let _ = writeln!(out, "{yellow}!! {batches} batch(es) with {points} point(s) dropped by the gateway and accounted ({}){reset}", reasons.join(", "));
+        }
+        if v.unexplained() > 0 {
             let _ = writeln!(
                 out,
                 "{red}!! {} batch(es) MISSING: {:?}{reset}",
-                v.missing(),
+                v.unexplained(),
                 v.gaps
             );
         }
@@ -114,6 +124,9 @@ pub fn json_line(ev: &WatchEvent) -> String {
             code,
             message,
         } => serde_json::json!({"event":"rejected","topic":topic,"code":code,"message":message}),
+        WatchEvent::Gap { gateway, record } => {
+            serde_json::json!({"event":"gap","gateway":gateway,"gap_id":record.gap_id,"seqs":record.seqs,"points":record.points,"reason":record.reason})
+        }
         WatchEvent::Ignored { topic } => serde_json::json!({"event":"ignored","topic":topic}),
     };
     v.to_string()

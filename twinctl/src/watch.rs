@@ -1,6 +1,7 @@
 //! Watching the twin: every message verified, every anomaly reported.
 
 use std::collections::BTreeMap;
+use twin_model::gap::{GapRecord, GAP_TYP};
 use twin_model::status::{Status, STATUS_TYP};
 use twin_model::topics;
 use twin_model::twin::REPORTED_TYP;
@@ -29,12 +30,46 @@ pub struct GatewayView {
     /// The latest verified reported twin.
     pub reported: Option<ReportedTwin>,
     pub status: Option<Status>,
+    /// Verified gap records, by gap id: batches the gateway dropped, and why.
+    pub gap_records: BTreeMap<u64, GapRecord>,
+    /// Points of every batch received (for exact loss accounting).
+    pub batch_points: std::collections::HashMap<u64, u64>,
 }
 
 impl GatewayView {
     /// Number of batches reported missing.
     pub fn missing(&self) -> u64 {
         self.gaps.iter().map(|(a, b)| b - a + 1).sum()
+    }
+
+    fn accounted(&self, seq: u64) -> bool {
+        self.gap_records.values().any(|g| g.contains(seq))
+    }
+
+    /// Missing batches that no gap record accounts for: lost without
+    /// explanation, or not yet arrived.
+    pub fn unexplained(&self) -> u64 {
+        self.gaps
+            .iter()
+            .map(|&(a, b)| (a..=b).filter(|s| !self.accounted(*s)).count() as u64)
+            .sum()
+    }
+
+    /// Points the gateway dropped and accounted for, less any of those
+    /// batches that arrived after all (e.g. delivered just before the drop).
+    /// `None` when a gap record does not know its points.
+    pub fn lost_points(&self) -> Option<u64> {
+        let mut total = 0u64;
+        for g in self.gap_records.values() {
+            total += g.points?;
+        }
+        let arrived: u64 = self
+            .batch_points
+            .iter()
+            .filter(|(seq, _)| self.accounted(**seq))
+            .map(|(_, p)| *p)
+            .sum();
+        Some(total.saturating_sub(arrived))
     }
 }
 
@@ -50,6 +85,11 @@ pub enum WatchEvent {
     Reported {
         gateway: String,
         version: u64,
+    },
+    /// A verified gap record: batches dropped and accounted for.
+    Gap {
+        gateway: String,
+        record: GapRecord,
     },
     Status {
         gateway: String,
@@ -70,7 +110,7 @@ pub enum WatchEvent {
 impl WatchEvent {
     /// Whether a person should be alerted.
     pub fn is_alarm(&self) -> bool {
-        matches!(self, WatchEvent::Rejected { .. })
+        matches!(self, WatchEvent::Rejected { .. } | WatchEvent::Gap { .. })
             || matches!(
                 self,
                 WatchEvent::Batch {
@@ -172,6 +212,8 @@ impl Watcher {
                     } else {
                         view.batches += 1;
                         view.points += b.payload.samples.len() as u64;
+                        view.batch_points
+                            .insert(b.payload.seq, b.payload.samples.len() as u64);
                         view.latest_seq = view.latest_seq.max(b.payload.seq);
                         for s in &b.payload.samples {
                             let newer = view.tags.get(&s.tag).is_none_or(|t| t.ts_ms <= s.ts_ms);
@@ -257,6 +299,39 @@ impl Watcher {
                         format!(
                             "status of gateway {:?} on the topic of {gw:?}",
                             s.gateway_id
+                        ),
+                    ),
+                    Err((code, message)) => self.reject(topic, Some(&gw), &code, message),
+                }
+            }
+            topics::GAPS => {
+                let parsed = self
+                    .trust
+                    .verify_compact(payload, GAP_TYP, 1024 * 1024)
+                    .map_err(|e| (e.code().to_owned(), e.to_string()))
+                    .and_then(|j| {
+                        serde_json::from_slice::<GapRecord>(&j.payload)
+                            .map_err(|e| ("bad_payload".to_owned(), e.to_string()))
+                    });
+                match parsed {
+                    Ok(g) if g.gateway_id == gw => {
+                        self.gateways
+                            .entry(gw.clone())
+                            .or_default()
+                            .gap_records
+                            .insert(g.gap_id, g.clone());
+                        WatchEvent::Gap {
+                            gateway: gw,
+                            record: g,
+                        }
+                    }
+                    Ok(g) => self.reject(
+                        topic,
+                        Some(&gw),
+                        "wrong_topic",
+                        format!(
+                            "gap record of gateway {:?} on the topic of {gw:?}",
+                            g.gateway_id
                         ),
                     ),
                     Err((code, message)) => self.reject(topic, Some(&gw), &code, message),

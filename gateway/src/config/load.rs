@@ -153,6 +153,11 @@ const ORDERS: &[(&str, ByteOrder)] = &[
 const TLS_VERSIONS: &[(&str, TlsVersion)] =
     &[("1.3", TlsVersion::Tls13), ("1.2", TlsVersion::Tls12)];
 
+const FULL_POLICIES: &[(&str, FullPolicy)] = &[
+    ("drop_oldest", FullPolicy::DropOldest),
+    ("drop_newest", FullPolicy::DropNewest),
+];
+
 /// Upper bound of any `reconnect_*_ms`: one hour.
 const MAX_RECONNECT_MS: i64 = 3_600_000;
 
@@ -224,7 +229,7 @@ struct Loader<'a> {
 impl Loader<'_> {
     fn config(&mut self, root: &Table<'_, '_>) -> Option<Config> {
         self.r
-            .unknown_keys(root, &["gateway", "signing", "mqtt", "devices"]);
+            .unknown_keys(root, &["gateway", "signing", "mqtt", "outbox", "devices"]);
         let gateway = self
             .section(root, "gateway", "[gateway]")
             .and_then(|t| self.gateway(&t));
@@ -235,12 +240,14 @@ impl Loader<'_> {
         let mqtt = self
             .section(root, "mqtt", "[mqtt]")
             .and_then(|t| self.mqtt(&t, gateway_id.as_deref()));
+        let outbox = self.outbox(root);
         let devices = self.devices(root);
         Some(Config {
             source: self.source.to_path_buf(),
             gateway: gateway?,
             signing: signing?,
             mqtt: mqtt?,
+            outbox: outbox?,
             devices: devices?,
         })
     }
@@ -372,6 +379,46 @@ impl Loader<'_> {
             reconnect_min,
             reconnect_max,
             tls: tls?,
+        })
+    }
+
+    /// The optional `[outbox]` table.
+    fn outbox(&mut self, root: &Table<'_, '_>) -> Option<OutboxConfig> {
+        let t = match self.r.table(root, "outbox", "[outbox]") {
+            Field::Absent => return Some(OutboxConfig::default()),
+            Field::Invalid => return None,
+            Field::Valid(t) => t.into_inner(),
+        };
+        self.r.unknown_keys(
+            &t,
+            &[
+                "max_size_mib",
+                "max_age_s",
+                "full_policy",
+                "encryption_key_file",
+            ],
+        );
+        let d = OutboxConfig::default();
+        let max_size_mib = self.r.integer::<u64>(&t, "max_size_mib", 1..=1_048_576);
+        let max_age_s = self.r.integer::<u64>(&t, "max_age_s", 60..=31_536_000);
+        let full_policy = self.r.choice(&t, "full_policy", FULL_POLICIES);
+        let key = match self.r.non_empty(&t, "encryption_key_file") {
+            Field::Absent => Some(None),
+            Field::Invalid => None,
+            Field::Valid(_) => self
+                .file(
+                    &t,
+                    "encryption_key_file",
+                    "outbox encryption key file",
+                    true,
+                )
+                .map(Some),
+        };
+        Some(OutboxConfig {
+            max_bytes: max_size_mib.or(d.max_bytes / (1024 * 1024))? * 1024 * 1024,
+            max_age: Duration::from_secs(max_age_s.or(d.max_age.as_secs())?),
+            full_policy: full_policy.or(d.full_policy)?,
+            encryption_key_file: key?,
         })
     }
 

@@ -15,7 +15,42 @@ pub struct Config {
     pub gateway: GatewayConfig,
     pub signing: SigningConfig,
     pub mqtt: MqttConfig,
+    pub outbox: OutboxConfig,
     pub devices: Vec<DeviceConfig>,
+}
+
+/// What happens when the outbox reaches a bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FullPolicy {
+    /// Drop the oldest batches to make room (default): the twin keeps the present.
+    #[default]
+    DropOldest,
+    /// Keep the backlog and drop new batches.
+    DropNewest,
+}
+
+/// The durable outbox between signing and publishing (`[outbox]`, optional).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxConfig {
+    /// Bound on the stored batches, in bytes (configured in MiB).
+    pub max_bytes: u64,
+    /// Batches older than this are dropped (and accounted).
+    pub max_age: Duration,
+    pub full_policy: FullPolicy,
+    /// 32-byte AES-256-GCM key (64 hex characters), mode 0600; encrypts
+    /// records at rest when set.
+    pub encryption_key_file: Option<PathBuf>,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            max_bytes: 256 * 1024 * 1024,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            full_policy: FullPolicy::DropOldest,
+            encryption_key_file: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

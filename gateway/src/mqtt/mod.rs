@@ -1,13 +1,23 @@
 //! The northbound MQTT link (rumqttc over rustls, mutual TLS).
 //!
 //! Two tasks: the *event loop* task only polls rumqttc's event loop (it
-//! never publishes: publishing from it deadlocks under load) and reports
-//! connection changes and acknowledgements; the *publisher* task takes
-//! [`Outgoing`] messages from the uplink and hands them to the client.
+//! never publishes: publishing from it deadlocks under load); the
+//! *publisher* task publishes from the durable outbox and takes live
+//! messages (reported twin, status) from the uplink.
 //!
-//! - QoS 1 for everything; the reported twin and the status are retained.
-//! - `clean_session = false`, so the broker keeps the session and rumqttc
-//!   re-sends unacknowledged publishes after a reconnect.
+//! Delivery from the outbox (see [`crate::outbox`]): rumqttc keeps its
+//! state in memory only, so the outbox is the source of truth.
+//! - The client's request channel has capacity 0: `publish()` returns once
+//!   the event loop has taken the request, and each taken QoS 1 publish
+//!   yields exactly one `Outgoing::Publish(pkid)` event, in order. The
+//!   publisher records what it publishes in a FIFO *before* handing it
+//!   over; the event loop task pops the FIFO on each such event, which maps
+//!   packet ids to outbox items exactly.
+//! - A PUBACK deletes the item from the outbox; nothing else does.
+//! - `clean_session = true`: after a reconnect rumqttc forgets what was in
+//!   flight, and the publisher re-sends every unacknowledged item from the
+//!   outbox, oldest first. Some may arrive twice; the twin drops
+//!   duplicates by sequence number.
 //! - On every ConnAck a signed `online` status is published; the signed
 //!   `offline` status is the last will, and is published on clean shutdown.
 //! - Reconnects use capped, jittered backoff; each failure is explained
@@ -15,14 +25,16 @@
 
 use crate::backoff::Backoff;
 use crate::config::MqttConfig;
+use crate::outbox::{Item, Outbox};
 use crate::tls;
 use rumqttc::{
     AsyncClient, Event, LastWill, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
 };
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use twin_model::status::{State, Status, STATUS_TYP};
 use twin_model::topics::Topics;
@@ -76,7 +88,16 @@ pub struct LinkParams {
     pub session: u64,
     /// Last sequence number signed at start, carried in the status.
     pub seq_at_start: u64,
+    pub outbox: Arc<Outbox>,
+    /// Notified after every outbox commit.
+    pub wake: Arc<Notify>,
+    /// Cancelled when nothing more will be written to the outbox: drain it
+    /// (bounded by the deadline), say offline, disconnect.
+    pub finish: CancellationToken,
 }
+
+/// Most outbox items published and not yet acknowledged.
+const WINDOW: usize = 64;
 
 fn status_message(p: &LinkParams, state: State) -> Vec<u8> {
     let s = Status {
@@ -94,12 +115,27 @@ fn status_message(p: &LinkParams, state: State) -> Vec<u8> {
         .into_bytes()
 }
 
-/// Runs the link until `input` is closed (orderly shutdown: everything
-/// received is handed to the broker, then `offline` is published and the
-/// connection closed) or `abort` is cancelled (give up at once).
+/// Messages from the event loop task to the publisher.
+#[derive(Debug)]
+enum Ctl {
+    Connected,
+    Disconnected,
+    Acked(Option<Item>),
+}
+
+/// Publishes handed to rumqttc whose packet id is not known yet (FIFO),
+/// and those in flight by packet id.
+#[derive(Default)]
+struct Tracker {
+    fifo: VecDeque<Option<Item>>,
+    inflight: HashMap<u16, Option<Item>>,
+}
+
+/// Runs the link until `p.finish` is cancelled and the outbox is drained
+/// (or the drain deadline passes), or until `abort` is cancelled.
 pub async fn run(
     p: LinkParams,
-    mut input: mpsc::Receiver<Outgoing>,
+    mut live: mpsc::Receiver<Outgoing>,
     state_tx: watch::Sender<LinkState>,
     stats: Arc<LinkStats>,
     abort: CancellationToken,
@@ -111,10 +147,10 @@ pub async fn run(
         p.tls.clone(),
     )));
     opts.set_keep_alive(p.mqtt.keep_alive);
-    opts.set_clean_session(false);
-    // Incoming: the gateway subscribes to nothing large yet; outgoing: our
-    // own limit plus the PUBLISH header, so rumqttc never refuses what the
-    // batcher made.
+    opts.set_clean_session(true);
+    opts.set_inflight(u16::try_from(WINDOW * 2).unwrap_or(u16::MAX));
+    // Our own limit plus the PUBLISH header, so rumqttc never refuses what
+    // the batcher made.
     let packet_limit = p.mqtt.max_message_bytes + 1024;
     opts.set_max_packet_size(packet_limit, packet_limit);
     opts.set_last_will(LastWill::new(
@@ -123,120 +159,252 @@ pub async fn run(
         QoS::AtLeastOnce,
         true,
     ));
-    let (client, mut eventloop) = AsyncClient::new(opts, 64);
+    // Capacity 0: see the module doc.
+    let (client, mut eventloop) = AsyncClient::new(opts, 0);
     eventloop.network_options.set_connection_timeout(10);
 
-    let (conn_tx, mut conn_rx) = mpsc::unbounded_channel::<()>();
-    let loop_stats = stats.clone();
-    let loop_abort = abort.clone();
-    let mut backoff = Backoff::new(p.mqtt.reconnect_min, p.mqtt.reconnect_max);
-    let state_for_loop = state_tx.clone();
-    let target = format!("{}:{}", p.mqtt.host, p.mqtt.port);
-    let event_task = tokio::spawn(async move {
-        let _ = state_for_loop.send(LinkState::Connecting);
-        let mut last_error = String::new();
-        loop {
-            let ev = tokio::select! {
-                _ = loop_abort.cancelled() => break,
-                ev = eventloop.poll() => ev,
-            };
-            match ev {
-                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    loop_stats.connects.fetch_add(1, Ordering::Relaxed);
-                    backoff.reset();
-                    last_error.clear();
-                    tracing::info!(broker = %target, session_present = ack.session_present, "connected to the broker");
-                    let _ = state_for_loop.send(LinkState::Connected);
-                    let _ = conn_tx.send(());
-                }
-                Ok(Event::Incoming(Packet::PubAck(_))) => {
-                    loop_stats.acked.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
-                Ok(_) => {}
-                Err(e) => {
-                    loop_stats.connect_failures.fetch_add(1, Ordering::Relaxed);
-                    let why = tls::explain(&e);
-                    if why != last_error {
-                        tracing::warn!(broker = %target, error = %why, "MQTT connection failed; retrying with backoff");
-                        last_error = why.clone();
+    let tracker = Arc::new(std::sync::Mutex::new(Tracker::default()));
+    let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<Ctl>();
+    let event_task = {
+        let stats = stats.clone();
+        let abort = abort.clone();
+        let tracker = tracker.clone();
+        let state_tx = state_tx.clone();
+        let mut backoff = Backoff::new(p.mqtt.reconnect_min, p.mqtt.reconnect_max);
+        let target = format!("{}:{}", p.mqtt.host, p.mqtt.port);
+        tokio::spawn(async move {
+            let _ = state_tx.send(LinkState::Connecting);
+            let mut last_error = String::new();
+            loop {
+                // Only the abort branch can interrupt a poll: after an
+                // abort nothing of the connection is used again.
+                let ev = tokio::select! {
+                    _ = abort.cancelled() => break,
+                    ev = eventloop.poll() => ev,
+                };
+                match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        stats.connects.fetch_add(1, Ordering::Relaxed);
+                        backoff.reset();
+                        last_error.clear();
+                        tracing::info!(broker = %target, "connected to the broker");
+                        tracker.lock().expect("tracker lock").inflight.clear();
+                        let _ = state_tx.send(LinkState::Connected);
+                        let _ = ctl_tx.send(Ctl::Connected);
                     }
-                    let _ = state_for_loop.send(LinkState::Failed(why));
-                    let delay = backoff.next_delay();
-                    tokio::select! {
-                        _ = loop_abort.cancelled() => break,
-                        _ = tokio::time::sleep(delay) => {}
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
+                        let mut t = tracker.lock().expect("tracker lock");
+                        match t.fifo.pop_front() {
+                            Some(item) => {
+                                t.inflight.insert(pkid, item);
+                            }
+                            None => tracing::error!(
+                                pkid,
+                                "a publish was not tracked; it will be sent again"
+                            ),
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                        stats.acked.fetch_add(1, Ordering::Relaxed);
+                        let item = tracker
+                            .lock()
+                            .expect("tracker lock")
+                            .inflight
+                            .remove(&ack.pkid);
+                        if let Some(item) = item {
+                            let _ = ctl_tx.send(Ctl::Acked(item));
+                        }
+                    }
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                        let _ = ctl_tx.send(Ctl::Disconnected);
+                        let why = tls::explain(&e);
+                        if why != last_error {
+                            tracing::warn!(broker = %target, error = %why, "MQTT connection failed; retrying with backoff");
+                            last_error = why.clone();
+                        }
+                        let _ = state_tx.send(LinkState::Failed(why));
+                        let delay = backoff.next_delay();
+                        tokio::select! {
+                            _ = abort.cancelled() => break,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
                     }
                 }
             }
-        }
-    });
+        })
+    };
 
-    let publish = |m: Outgoing| {
+    // Hands one message to rumqttc, tracked as `item`.
+    let publish = |topic: String, payload: Vec<u8>, retain: bool, item: Option<Item>| {
         let client = client.clone();
+        let tracker = tracker.clone();
         let stats = stats.clone();
         async move {
-            let ok = client
-                .publish(m.topic, QoS::AtLeastOnce, m.retain, m.payload)
+            tracker.lock().expect("tracker lock").fifo.push_back(item);
+            if client
+                .publish(topic, QoS::AtLeastOnce, retain, payload)
                 .await
-                .is_ok();
-            if ok {
-                stats.sent.fetch_add(1, Ordering::Relaxed);
-                if matches!(m.kind, OutgoingKind::Batch { .. }) {
-                    stats.batches_sent.fetch_add(1, Ordering::Relaxed);
-                }
+                .is_err()
+            {
+                tracker.lock().expect("tracker lock").fifo.pop_back();
+                return false;
             }
-            ok
+            stats.sent.fetch_add(1, Ordering::Relaxed);
+            if matches!(item, Some(Item::Batch(_))) {
+                stats.batches_sent.fetch_add(1, Ordering::Relaxed);
+            }
+            true
         }
     };
-    let online = || Outgoing {
-        topic: topics.status(),
-        payload: status_message(&p, State::Online),
-        retain: true,
-        kind: OutgoingKind::Status,
-    };
 
+    let outbox = p.outbox.clone();
+    let mut connected = false;
+    let mut unacked: HashSet<Item> = HashSet::new();
+    let mut cursor = 0u64;
+    let mut latest_live: Option<Outgoing> = None;
+    let mut acks: Vec<Item> = Vec::new();
+    let mut drain_until: Option<tokio::time::Instant> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
     loop {
         tokio::select! {
             _ = abort.cancelled() => break,
-            Some(()) = conn_rx.recv() => {
-                if !publish(online()).await { break; }
-            }
-            m = input.recv() => match m {
-                Some(m) => if !publish(m).await { break; },
+            ctl = ctl_rx.recv() => match ctl {
+                Some(Ctl::Connected) => {
+                    connected = true;
+                    unacked.clear();
+                    cursor = 0;
+                    let online = status_message(&p, State::Online);
+                    if !publish(topics.status(), online, true, None).await { break; }
+                }
+                Some(Ctl::Disconnected) => connected = false,
+                Some(Ctl::Acked(item)) => {
+                    if let Some(item) = item {
+                        unacked.remove(&item);
+                        acks.push(item);
+                    }
+                }
                 None => break,
+            },
+            m = live.recv(), if drain_until.is_none() => match m {
+                Some(m) => latest_live = Some(m),
+                None => drain_until = Some(tokio::time::Instant::now() + drain_deadline),
+            },
+            _ = p.wake.notified() => {}
+            _ = tick.tick() => {}
+            _ = p.finish.cancelled(), if drain_until.is_none() => {
+                drain_until = Some(tokio::time::Instant::now() + drain_deadline);
+            }
+        }
+        // More acknowledgements may be waiting: take them all, then delete
+        // them in one transaction.
+        while let Ok(Ctl::Acked(Some(item))) = ctl_rx.try_recv() {
+            unacked.remove(&item);
+            acks.push(item);
+        }
+        if !acks.is_empty() {
+            if let Err(e) = outbox.ack(&acks) {
+                tracing::error!(error = %e, "cannot delete acknowledged batches from the outbox; they will be sent again");
+            }
+            acks.clear();
+        }
+        if connected {
+            if let Some(m) = latest_live.take() {
+                if !publish(m.topic, m.payload, m.retain, None).await {
+                    break;
+                }
+            }
+            if !send_from_outbox(&outbox, &topics, &mut unacked, &mut cursor, &publish).await {
+                break;
+            }
+        }
+        if let Some(until) = drain_until {
+            let drained = outbox.is_empty()
+                && unacked.is_empty()
+                && outbox.gaps(1).map(|g| g.is_empty()).unwrap_or(true);
+            if drained || tokio::time::Instant::now() >= until {
+                if !drained {
+                    tracing::warn!(stored = outbox.len(), "shutdown: batches not yet acknowledged stay in the outbox for the next start");
+                }
+                break;
             }
         }
     }
 
-    // Orderly end: say offline, wait for every acknowledgement (bounded),
-    // then disconnect.
+    // Orderly end: say offline (bounded), then disconnect.
     if !abort.is_cancelled() {
-        let offline = Outgoing {
-            topic: topics.status(),
-            payload: status_message(&p, State::Offline),
-            retain: true,
-            kind: OutgoingKind::Status,
-        };
-        let _ = tokio::time::timeout(drain_deadline, publish(offline)).await;
-        let waited = tokio::time::timeout(drain_deadline, async {
-            while stats.acked.load(Ordering::Relaxed) < stats.sent.load(Ordering::Relaxed) {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await;
-        if waited.is_err() {
-            tracing::warn!(
-                unacknowledged = stats
-                    .sent
-                    .load(Ordering::Relaxed)
-                    .saturating_sub(stats.acked.load(Ordering::Relaxed)),
-                "shutdown deadline reached with publishes not acknowledged by the broker"
-            );
+        let offline = status_message(&p, State::Offline);
+        let sent = stats.sent.load(Ordering::Relaxed);
+        if connected {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                publish(topics.status(), offline, true, None),
+            )
+            .await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                while stats.acked.load(Ordering::Relaxed) <= sent && connected {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await;
         }
-        let _ = client.disconnect().await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), client.disconnect()).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), event_task).await;
     abort.cancel();
     let _ = state_tx.send(LinkState::Closed);
+}
+
+/// Publishes stored gap records and batches not yet in flight, up to the
+/// window. Returns false when the client is gone.
+async fn send_from_outbox<F, Fut>(
+    outbox: &Outbox,
+    topics: &Topics,
+    unacked: &mut HashSet<Item>,
+    cursor: &mut u64,
+    publish: &F,
+) -> bool
+where
+    F: Fn(String, Vec<u8>, bool, Option<Item>) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    match outbox.gaps(WINDOW) {
+        Ok(gaps) => {
+            for (id, jws) in gaps {
+                if unacked.len() >= WINDOW {
+                    return true;
+                }
+                if unacked.insert(Item::Gap(id))
+                    && !publish(topics.gaps(), jws, false, Some(Item::Gap(id))).await
+                {
+                    return false;
+                }
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "cannot read gap records from the outbox"),
+    }
+    while unacked.len() < WINDOW {
+        let room = WINDOW - unacked.len();
+        let batch = match outbox.pending(*cursor, room) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the outbox");
+                return true;
+            }
+        };
+        if batch.is_empty() {
+            return true;
+        }
+        for r in batch {
+            *cursor = r.seq + 1;
+            if unacked.insert(Item::Batch(r.seq))
+                && !publish(topics.telemetry(), r.jws, false, Some(Item::Batch(r.seq))).await
+            {
+                return false;
+            }
+        }
+    }
+    true
 }

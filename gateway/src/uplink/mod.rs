@@ -6,18 +6,21 @@
 //!    first sample, whichever comes first, and never grows past the
 //!    configured message size.
 //! 2. [`signer`]: gives each batch the next sequence number and the hash of
-//!    the previous batch, signs it (JWS, EdDSA), and persists the chain
-//!    position ([`state`]) before the batch leaves, so a restart continues
-//!    the chain.
-//! 3. [`reported`]: folds every signed batch into the reported twin and
-//!    signs a new version at most every `reported_interval_ms`.
+//!    the previous batch, and signs it (JWS, EdDSA).
+//! 3. [`writer`]: stores signed batches and the chain position in the
+//!    durable outbox ([`crate::outbox`]), one fsync per group commit, then
+//!    wakes the MQTT link, which publishes from the outbox.
+//! 4. [`reported`]: folds every signed batch into the reported twin and
+//!    signs a new version at most every `reported_interval_ms`; it goes to
+//!    the MQTT link directly (retained, latest wins), not through the outbox.
 //!
-//! The output is a stream of [`crate::mqtt::Outgoing`] messages for the MQTT link.
+//! [`state`] holds the chain position type and the checkpoint file.
 
 pub mod batcher;
 pub mod reported;
 pub mod signer;
 pub mod state;
+pub mod writer;
 
 use crate::device::DeviceEvent;
 use crate::mqtt::Outgoing;
@@ -48,12 +51,14 @@ pub struct Uplink {
 
 /// The uplink task. Ends when every device sender is dropped (devices
 /// stopped), after flushing what is buffered and signing a final reported
-/// twin; then drops `out`, which tells the MQTT link to finish.
+/// twin; then drops `store` and `out`, which lets the writer and the MQTT
+/// link finish.
 pub async fn run(
     uplink: Uplink,
     mut input: mpsc::Receiver<DeviceEvent>,
+    store: mpsc::Sender<writer::WriteJob>,
     out: mpsc::Sender<Outgoing>,
-) -> Result<(), signer::SignError> {
+) {
     let Uplink {
         mut batcher,
         mut signer,
@@ -72,11 +77,11 @@ pub async fn run(
                 Some(ev) => {
                     let cycle_done = ev.cycle_done;
                     for full in batcher.push(ev.samples) {
-                        emit(&mut signer, &mut reported, &out, full, &stats).await?;
+                        emit(&mut signer, &mut reported, &store, full, &stats).await;
                     }
                     if cycle_done {
                         if let Some(b) = batcher.take() {
-                            emit(&mut signer, &mut reported, &out, b, &stats).await?;
+                            emit(&mut signer, &mut reported, &store, b, &stats).await;
                         }
                         deadline = None;
                     } else if deadline.is_none() && !batcher.is_empty() {
@@ -87,7 +92,7 @@ pub async fn run(
             },
             _ = async { tokio::time::sleep_until(flush_at.unwrap_or_else(Instant::now)).await }, if flush_at.is_some() => {
                 if let Some(b) = batcher.take() {
-                    emit(&mut signer, &mut reported, &out, b, &stats).await?;
+                    emit(&mut signer, &mut reported, &store, b, &stats).await;
                 }
                 deadline = None;
             }
@@ -100,33 +105,30 @@ pub async fn run(
         }
     }
     if let Some(b) = batcher.take() {
-        emit(&mut signer, &mut reported, &out, b, &stats).await?;
+        emit(&mut signer, &mut reported, &store, b, &stats).await;
     }
     if let Some(msg) = reported.sign_if_changed(signer.seq()) {
         let _ = out.send(msg).await;
     }
-    Ok(())
 }
 
 async fn emit(
     signer: &mut signer::Signer,
     reported: &mut reported::Reporter,
-    out: &mpsc::Sender<Outgoing>,
+    store: &mpsc::Sender<writer::WriteJob>,
     samples: Vec<twin_model::Sample>,
     stats: &UplinkStats,
-) -> Result<(), signer::SignError> {
+) {
     for s in &samples {
         reported.apply(s);
     }
     let n = samples.len() as u64;
-    let msg = signer.sign(samples, reported.version())?;
+    let (record, chain) = signer.sign(samples, reported.version());
     stats.points.fetch_add(n, Ordering::Relaxed);
     stats.batches.fetch_add(1, Ordering::Relaxed);
     stats.last_seq.store(signer.seq(), Ordering::Relaxed);
-    // A closed link means shutdown is under way; the batch is already
-    // counted in the chain, and the next start continues after it.
-    let _ = out.send(msg).await;
-    Ok(())
+    // The writer only goes away at shutdown, after this task has ended.
+    let _ = store.send(writer::WriteJob { record, chain }).await;
 }
 
 #[cfg(test)]
@@ -136,15 +138,9 @@ mod tests {
     use std::collections::HashMap;
     use twin_model::{Sample, SigningKey, Value};
 
-    fn uplink(dir: &std::path::Path, flush: Duration) -> Uplink {
+    fn uplink(flush: Duration) -> Uplink {
         let key = Arc::new(SigningKey::from_seed(&[5; 32]).unwrap());
-        let signer = signer::Signer::new(
-            key.clone(),
-            "gw".into(),
-            "twin/gw/telemetry".into(),
-            state::StateFile::new(dir),
-        )
-        .unwrap();
+        let signer = signer::Signer::new(key.clone(), "gw".into(), state::ChainState::GENESIS);
         Uplink {
             batcher: batcher::Batcher::new("gw", 17, 131_072),
             signer,
@@ -174,23 +170,19 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_completed_cycle_flushes_at_once_and_a_partial_one_after_the_flush_interval() {
-        let dir = tempfile::tempdir().unwrap();
         let (tx, rx) = mpsc::channel(8);
         let (out_tx, mut out) = mpsc::channel(8);
-        let task = tokio::spawn(run(
-            uplink(dir.path(), Duration::from_millis(5)),
-            rx,
-            out_tx,
-        ));
+        let (store_tx, mut store) = mpsc::channel(8);
+        let task = tokio::spawn(run(uplink(Duration::from_millis(5)), rx, store_tx, out_tx));
 
         tx.send(event(3, true)).await.unwrap();
-        let m = out.recv().await.unwrap();
-        assert_eq!(m.kind, OutgoingKind::Batch { seq: 1, points: 3 });
+        let j = store.recv().await.unwrap();
+        assert_eq!((j.record.seq, j.record.points, j.chain.seq), (1, 3, 1));
 
         let sent = Instant::now();
         tx.send(event(2, false)).await.unwrap();
-        let m = out.recv().await.unwrap();
-        assert_eq!(m.kind, OutgoingKind::Batch { seq: 2, points: 2 });
+        let j = store.recv().await.unwrap();
+        assert_eq!((j.record.seq, j.record.points), (2, 2));
         assert_eq!(
             sent.elapsed(),
             Duration::from_millis(5),
@@ -205,11 +197,10 @@ mod tests {
             "{:?}",
             last.kind
         );
-        task.await.unwrap().unwrap();
-        assert_eq!(
-            state::StateFile::new(dir.path()).load().unwrap().seq,
-            2,
-            "position persisted"
+        task.await.unwrap();
+        assert!(
+            store.recv().await.is_none(),
+            "the writer's input is closed at the end"
         );
     }
 }

@@ -1,41 +1,28 @@
-//! Signing: sequence number, hash chain, JWS, and the persisted position.
+//! Signing: sequence number, hash chain, JWS.
 
-use super::state::{ChainState, StateError, StateFile};
+use super::state::ChainState;
 use crate::clock::now_ms;
-use crate::mqtt::{Outgoing, OutgoingKind};
+use crate::outbox::NewRecord;
+use std::sync::Arc;
 use twin_model::batch::sign_batch;
 use twin_model::{BatchPayload, Sample, SigningKey, WIRE_VERSION};
 
-#[derive(Debug, thiserror::Error)]
-pub enum SignError {
-    #[error("cannot persist the chain state, so no further batch can be signed safely: {0}")]
-    State(#[from] StateError),
-}
-
-/// Signs batches in chain order.
+/// Signs batches in chain order. The position it returns with each batch
+/// is persisted by the outbox writer in the same transaction as the batch.
 pub struct Signer {
-    key: std::sync::Arc<SigningKey>,
+    key: Arc<SigningKey>,
     gateway_id: String,
-    topic: String,
     state: ChainState,
-    file: StateFile,
 }
 
 impl Signer {
-    pub fn new(
-        key: std::sync::Arc<SigningKey>,
-        gateway_id: String,
-        topic: String,
-        file: StateFile,
-    ) -> Result<Self, SignError> {
-        let state = file.load()?;
-        Ok(Signer {
+    /// Continues the chain from `state` (the outbox's committed position).
+    pub fn new(key: Arc<SigningKey>, gateway_id: String, state: ChainState) -> Self {
+        Signer {
             key,
             gateway_id,
-            topic,
             state,
-            file,
-        })
+        }
     }
 
     /// Sequence number of the last batch signed (0 before the first).
@@ -47,33 +34,30 @@ impl Signer {
         self.state
     }
 
-    /// Signs `samples` as the next batch and persists the new position
-    /// before returning the message.
-    pub fn sign(&mut self, samples: Vec<Sample>, twin_version: u64) -> Result<Outgoing, SignError> {
+    /// Signs `samples` as the next batch; returns the record to store and
+    /// the chain position after it.
+    pub fn sign(&mut self, samples: Vec<Sample>, twin_version: u64) -> (NewRecord, ChainState) {
+        let created_ms = now_ms();
         let payload = BatchPayload {
             v: WIRE_VERSION,
             gateway_id: self.gateway_id.clone(),
             seq: self.state.seq + 1,
             prev_hash: self.state.prev_hash.to_b64url(),
-            created_ms: now_ms(),
+            created_ms,
             samples,
         };
         let (jws, hash) = sign_batch(&self.key, &payload);
-        let next = ChainState {
+        self.state = ChainState {
             seq: payload.seq,
             prev_hash: hash,
             twin_version,
         };
-        self.file.save(&next)?;
-        self.state = next;
-        Ok(Outgoing {
-            topic: self.topic.clone(),
-            payload: jws.into_bytes(),
-            retain: false,
-            kind: OutgoingKind::Batch {
-                seq: payload.seq,
-                points: payload.samples.len(),
-            },
-        })
+        let record = NewRecord {
+            seq: payload.seq,
+            jws: jws.into_bytes(),
+            points: u32::try_from(payload.samples.len()).unwrap_or(u32::MAX),
+            created_ms,
+        };
+        (record, self.state)
     }
 }

@@ -188,7 +188,7 @@ key_file = "pki/gateway.key.pem"
         watcher.rejected,
         view.missing()
     );
-    if watcher.rejected > 0 || !view.gaps.is_empty() {
+    if watcher.rejected > 0 || view.unexplained() > 0 {
         bail!("the twin saw rejected or missing batches");
     }
     Ok(())
