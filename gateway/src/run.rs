@@ -47,7 +47,8 @@ pub struct GatewayHandle {
     pub link: watch::Receiver<LinkState>,
     pub uplink_stats: Arc<UplinkStats>,
     pub link_stats: Arc<LinkStats>,
-    pub outbox: Arc<Outbox>,
+    /// `None` when the outbox could not be opened (degraded: no batches).
+    pub outbox: Option<Arc<Outbox>>,
     /// Key id of the telemetry signing key.
     pub kid: String,
     stop_devices: CancellationToken,
@@ -80,26 +81,39 @@ pub async fn start(cfg: Config) -> anyhow::Result<GatewayHandle> {
         .as_deref()
         .map(load_outbox_cipher)
         .transpose()?;
-    create_data_dir(&cfg.gateway.data_dir)?;
     let topics = Topics::new(&cfg.mqtt.topic_prefix, &cfg.gateway.id);
-    let (outbox, opened) = Outbox::open(
-        &cfg.gateway.data_dir,
-        OutboxOptions {
-            config: cfg.outbox.clone(),
-            cipher,
-            key: key.clone(),
-            gateway_id: cfg.gateway.id.clone(),
-        },
-    )
-    .with_context(|| format!("{}: cannot open the outbox", cfg.gateway.data_dir.display()))?;
-    let outbox = Arc::new(outbox);
-    let chain = opened.chain;
+    let opened = create_data_dir(&cfg.gateway.data_dir).and_then(|()| {
+        Outbox::open(
+            &cfg.gateway.data_dir,
+            OutboxOptions {
+                config: cfg.outbox.clone(),
+                cipher,
+                key: key.clone(),
+                gateway_id: cfg.gateway.id.clone(),
+            },
+        )
+        .with_context(|| format!("{}: cannot open the outbox", cfg.gateway.data_dir.display()))
+    });
+    // Without an outbox no batch can be stored, so none is published (a
+    // sequence number could otherwise be reused); the reported twin, which
+    // carries the present state, keeps flowing. Fix the data directory and
+    // restart.
+    let (outbox, chain, stored) = match opened {
+        Ok((o, report)) => (Some(Arc::new(o)), report.chain, report.records),
+        Err(e) => {
+            tracing::error!(
+                error = format!("{e:#}"),
+                "DEGRADED: the outbox cannot be used; telemetry batches are not published until it can (fix the data directory and restart); the reported twin keeps flowing"
+            );
+            (None, crate::uplink::state::ChainState::GENESIS, 0)
+        }
+    };
     let signer = Signer::new(key.clone(), cfg.gateway.id.clone(), chain);
     tracing::info!(
         gateway = %cfg.gateway.id,
         kid = key.kid(),
         next_seq = chain.seq + 1,
-        stored_batches = opened.records,
+        stored_batches = stored,
         devices = cfg.devices.len(),
         "gateway starting"
     );

@@ -786,3 +786,39 @@ async fn the_gateway_reconnects_after_a_broker_restart_and_the_chain_continues(
     assert!(twin.rejections().is_empty(), "{:?}", twin.rejections());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unusable_data_directory_degrades_to_the_reported_twin_without_crashing(
+) -> anyhow::Result<()> {
+    init();
+    let pki = TestPki::new(GW)?;
+    let broker = Mosquitto::start(&pki, BrokerOptions::default()).await?;
+    let plc = PlcSim::start("127.0.0.1:0".parse()?).await?;
+    let mut twin = Twin::start(&broker, &pki, 4096).await?;
+    let mut cfg = tank_config(&pki, broker.port(), plc.addr(), 100)?;
+    // Nothing can be created under /proc, not even by root.
+    cfg.gateway.data_dir = "/proc/twin-gateway-data".into();
+    let gw = gateway::run::start(cfg).await?;
+    assert!(gw.outbox.is_none(), "no outbox in degraded mode");
+    twin.until(
+        Duration::from_secs(10),
+        "a reported twin with live values",
+        |t| {
+            t.view().reported.is_some_and(|r| {
+                r.tags
+                    .get("tank1.level")
+                    .is_some_and(|s| s.quality == Quality::Good)
+            })
+        },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(gw.stop().await.is_empty(), "stops cleanly");
+    let v = twin.view();
+    assert_eq!(
+        v.batches, 0,
+        "no batch is published without a durable outbox"
+    );
+    assert!(twin.rejections().is_empty());
+    Ok(())
+}

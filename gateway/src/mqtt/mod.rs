@@ -88,7 +88,8 @@ pub struct LinkParams {
     pub session: u64,
     /// Last sequence number signed at start, carried in the status.
     pub seq_at_start: u64,
-    pub outbox: Arc<Outbox>,
+    /// `None` in degraded mode: only live messages are published.
+    pub outbox: Option<Arc<Outbox>>,
     /// Notified after every outbox commit.
     pub wake: Arc<Notify>,
     /// Cancelled when nothing more will be written to the outbox: drain it
@@ -305,7 +306,7 @@ pub async fn run(
             acks.push(item);
         }
         if !acks.is_empty() {
-            if let Err(e) = outbox.ack(&acks) {
+            if let Err(e) = outbox.as_ref().map_or(Ok(()), |o| o.ack(&acks)) {
                 tracing::error!(error = %e, "cannot delete acknowledged batches from the outbox; they will be sent again");
             }
             acks.clear();
@@ -316,17 +317,23 @@ pub async fn run(
                     break;
                 }
             }
-            if !send_from_outbox(&outbox, &topics, &mut unacked, &mut cursor, &publish).await {
+            let sent = match &outbox {
+                Some(o) => send_from_outbox(o, &topics, &mut unacked, &mut cursor, &publish).await,
+                None => true,
+            };
+            if !sent {
                 break;
             }
         }
         if let Some(until) = drain_until {
-            let drained = outbox.is_empty()
-                && unacked.is_empty()
-                && outbox.gaps(1).map(|g| g.is_empty()).unwrap_or(true);
+            let drained = unacked.is_empty()
+                && outbox.as_ref().is_none_or(|o| {
+                    o.is_empty() && o.gaps(1).map(|g| g.is_empty()).unwrap_or(true)
+                });
             if drained || tokio::time::Instant::now() >= until {
                 if !drained {
-                    tracing::warn!(stored = outbox.len(), "shutdown: batches not yet acknowledged stay in the outbox for the next start");
+                    let stored = outbox.as_ref().map_or(0, |o| o.len());
+                    tracing::warn!(stored, "shutdown: batches not yet acknowledged stay in the outbox for the next start");
                 }
                 break;
             }
