@@ -190,20 +190,16 @@ impl Outbox {
     pub fn open(dir: &Path, opts: OutboxOptions) -> Result<(Outbox, OpenReport), OutboxError> {
         let path = dir.join(FILE_NAME);
         let checkpoint = StateFile::new(dir);
-        let (db, set_aside) = match Database::create(&path) {
+        let (db, set_aside) = match create_checked(&path) {
             Ok(db) => (db, None),
-            Err(
-                e @ (redb::DatabaseError::Storage(redb::StorageError::Corrupted(_))
-                | redb::DatabaseError::UpgradeRequired(_)
-                | redb::DatabaseError::RepairAborted),
-            ) => {
+            Err(e) if unreadable(&e) => {
                 let aside = dir.join(format!("{FILE_NAME}.corrupt-{}", crate::clock::now_ms()));
                 tracing::error!(path = %path.display(), error = %e, aside = %aside.display(), "the outbox database is unreadable; it is set aside and a new one started");
                 std::fs::rename(&path, &aside).map_err(|source| OutboxError::Io {
                     path: path.clone(),
                     source,
                 })?;
-                (Database::create(&path)?, Some(aside))
+                (create_checked(&path)?, Some(aside))
             }
             Err(e) => return Err(e.into()),
         };
@@ -245,7 +241,11 @@ impl Outbox {
                 let lost = set_aside.is_some() || (fresh && cp.seq > 0);
                 let mut c = cp;
                 if lost {
-                    let from = cp.seq + 1;
+                    // From the lowest batch still waiting for the broker at
+                    // the checkpoint: everything the lost outbox may have held.
+                    let from = checkpoint
+                        .load_first_unacked()?
+                        .map_or(cp.seq + 1, |f| f.min(cp.seq + 1));
                     c.seq = cp.seq + LOST_OUTBOX_SEQ_JUMP;
                     c.prev_hash = BatchHash::GENESIS;
                     outbox.put_gap(&txn, vec![[from, c.seq]], None, gap::reason::OUTBOX_LOST)?;
@@ -281,7 +281,11 @@ impl Outbox {
     /// Writes the chain position to the checkpoint file (used only if the
     /// database is ever lost).
     pub fn checkpoint(&self) -> Result<(), OutboxError> {
-        StateFile::new(&self.dir).save(&self.chain()?)?;
+        // Read the position first: a batch stored in between only makes
+        // `first_unacked` lower than needed, never higher.
+        let chain = self.chain()?;
+        let first = self.first_seq()?;
+        StateFile::new(&self.dir).save_with_first_unacked(&chain, first)?;
         Ok(())
     }
 
@@ -559,6 +563,32 @@ impl Outbox {
     }
 }
 
+/// Opens or creates the database, verifying the checksum of every page
+/// first: a plain open trusts a file that was shut down cleanly and may
+/// panic on one altered since (redb documents this), where the check
+/// reports it as [`redb::StorageError::Corrupted`].
+fn create_checked(path: &Path) -> Result<Database, redb::DatabaseError> {
+    Database::builder()
+        .set_check_integrity_on_open(true)
+        .create(path)
+}
+
+/// Whether an error of [`create_checked`] means the file cannot be read as
+/// an outbox (and is set aside), not that the storage failed (the error is
+/// returned). redb reports a file too short to hold its header, or without
+/// its magic number, as an I/O error (`UnexpectedEof`, `InvalidData`).
+fn unreadable(e: &redb::DatabaseError) -> bool {
+    use redb::{DatabaseError as D, StorageError as S};
+    match e {
+        D::Storage(S::Corrupted(_)) | D::UpgradeRequired(_) | D::RepairAborted => true,
+        D::Storage(S::Io(io)) => matches!(
+            io.kind(),
+            std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+        ),
+        _ => false,
+    }
+}
+
 /// `created_ms` and `points` from a record header, without checking it
 /// (used only to apply the bounds; a bad record is caught when read).
 fn header_fields(v: &[u8]) -> (u64, u32) {
@@ -570,3 +600,6 @@ fn header_fields(v: &[u8]) -> (u64, u32) {
         .unwrap_or(0);
     (created, points)
 }
+
+#[cfg(test)]
+mod tests;

@@ -37,6 +37,10 @@ struct OnDisk {
     seq: u64,
     prev_hash: String,
     twin_version: u64,
+    /// Lowest sequence number not yet acknowledged by the broker when the
+    /// checkpoint was written (absent: none was pending).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    first_unacked: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,7 +100,36 @@ impl StateFile {
     }
 
     /// Replaces the state atomically and durably.
+    /// The lowest unacknowledged sequence number recorded with the state.
+    pub fn load_first_unacked(&self) -> Result<Option<u64>, StateError> {
+        let text = match fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(StateError::Io {
+                    path: self.path.clone(),
+                    source,
+                })
+            }
+        };
+        let d: OnDisk = serde_json::from_str(&text).map_err(|e| StateError::Corrupt {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(d.first_unacked)
+    }
+
     pub fn save(&self, s: &ChainState) -> Result<(), StateError> {
+        self.save_with_first_unacked(s, None)
+    }
+
+    /// Replaces the state atomically and durably, with the lowest sequence
+    /// number still waiting for the broker.
+    pub fn save_with_first_unacked(
+        &self,
+        s: &ChainState,
+        first_unacked: Option<u64>,
+    ) -> Result<(), StateError> {
         let io = |source| StateError::Io {
             path: self.path.clone(),
             source,
@@ -105,6 +138,7 @@ impl StateFile {
             seq: s.seq,
             prev_hash: s.prev_hash.to_b64url(),
             twin_version: s.twin_version,
+            first_unacked,
         })
         .expect("chain state serializes");
         let tmp = self.dir.join(format!("{FILE_NAME}.tmp"));
