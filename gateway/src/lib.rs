@@ -22,6 +22,7 @@ pub mod logging;
 pub mod mqtt;
 pub mod outbox;
 pub mod pki;
+pub mod policy;
 pub mod run;
 pub mod tls;
 pub mod uplink;

@@ -42,6 +42,11 @@ enum Command {
         #[command(subcommand)]
         command: KeyCommand,
     },
+    /// Command policies: check them, run their test cases, dry-run a command.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Development PKI.
     Pki {
         #[command(subcommand)]
@@ -71,6 +76,182 @@ enum KeyCommand {
         /// Ed25519 private key, PKCS#8 PEM.
         key_file: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+struct PolicyTarget {
+    /// The policy folder (every *.toml except *.tests.toml).
+    #[arg(default_value = "policies")]
+    dir: PathBuf,
+    /// The gateway configuration that declares the tags.
+    #[arg(short, long, default_value = "gateway.toml")]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Report every error and warning of a policy with file:line:col; exit 1 on any error.
+    Check {
+        #[command(flatten)]
+        target: PolicyTarget,
+    },
+    /// Run the test cases next to the policy (*.tests.toml); exit 1 on any failure.
+    Cases {
+        #[command(flatten)]
+        target: PolicyTarget,
+    },
+    /// Dry-run one command: the decision, the rule that decided it, and why.
+    Test {
+        #[command(flatten)]
+        target: PolicyTarget,
+        #[arg(long)]
+        tag: String,
+        /// The value asked for: true/false, a number, or text.
+        #[arg(long)]
+        value: String,
+        /// The operator (token subject).
+        #[arg(long)]
+        operator: String,
+        /// Role claims of the token; repeat for several.
+        #[arg(long = "role")]
+        roles: Vec<String>,
+        /// Authentication methods (e.g. mfa); repeat for several.
+        #[arg(long = "amr")]
+        amr: Vec<String>,
+        /// Subjects of operators who approved; repeat for several.
+        #[arg(long = "approver")]
+        approvers: Vec<String>,
+        /// When (RFC 3339, e.g. 2026-11-25T03:00:00+01:00); default now.
+        #[arg(long)]
+        at: Option<String>,
+        /// Current value of a tag, TAG=VALUE (good quality); repeat for several.
+        #[arg(long = "current")]
+        current: Vec<String>,
+    },
+}
+
+/// A value typed on the command line: bool, integer, float, else text.
+fn parse_value(s: &str) -> twin_model::Value {
+    use twin_model::Value;
+    if let Ok(b) = s.parse::<bool>() {
+        return Value::Bool(b);
+    }
+    if let Ok(i) = s.parse::<i64>() {
+        return Value::Int(i);
+    }
+    if let Ok(u) = s.parse::<u64>() {
+        return Value::UInt(u);
+    }
+    match s.parse::<f64>() {
+        Ok(f) if f.is_finite() => Value::Float(f),
+        _ => Value::Text(s.to_owned()),
+    }
+}
+
+fn load_config_or_report(path: &std::path::Path) -> anyhow::Result<gateway::config::Config> {
+    gateway::config::load(path).map_err(|errors| {
+        eprint!("{errors}");
+        anyhow::anyhow!("{} error(s) in {}", errors.errors.len(), path.display())
+    })
+}
+
+fn policy_main(command: PolicyCommand) -> anyhow::Result<ExitCode> {
+    use gateway::policy::{self, Approver, Command as PolicyCmd, CurrentValue, Policy};
+    match command {
+        PolicyCommand::Check { target } => {
+            let cfg = load_config_or_report(&target.config)?;
+            match Policy::load_dir(&target.dir, &cfg) {
+                Ok((p, warnings)) => {
+                    for w in &warnings {
+                        eprintln!("{w}");
+                    }
+                    println!("{p}");
+                    println!(
+                        "{}: OK ({} warning(s))",
+                        target.dir.display(),
+                        warnings.len()
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(errors) => {
+                    eprint!("{errors}");
+                    eprintln!(
+                        "{} error(s) in {}; a policy with errors permits no write at all",
+                        errors.errors.len(),
+                        target.dir.display()
+                    );
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        PolicyCommand::Cases { target } => {
+            let cfg = load_config_or_report(&target.config)?;
+            match policy::run_tests(&target.dir, &cfg) {
+                Ok(report) => {
+                    print!("{report}");
+                    Ok(if report.passed() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    })
+                }
+                Err(errors) => {
+                    eprint!("{errors}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        PolicyCommand::Test {
+            target,
+            tag,
+            value,
+            operator,
+            roles,
+            amr,
+            approvers,
+            at,
+            current,
+        } => {
+            let cfg = load_config_or_report(&target.config)?;
+            let p = match Policy::load_dir(&target.dir, &cfg) {
+                Ok((p, _)) => p,
+                Err(errors) => {
+                    eprint!("{errors}");
+                    anyhow::bail!(
+                        "the policy has errors: every command would be denied (invalid_policy)"
+                    );
+                }
+            };
+            let at_ms = match at {
+                Some(t) => {
+                    let ts: jiff::Timestamp = t
+                        .parse()
+                        .with_context(|| format!("--at {t:?} is not an RFC 3339 time"))?;
+                    u64::try_from(ts.as_millisecond()).context("--at is before 1970")?
+                }
+                None => gateway::clock::now_ms(),
+            };
+            let mut now = std::collections::BTreeMap::new();
+            for c in current {
+                let (t, v) = c
+                    .split_once('=')
+                    .with_context(|| format!("--current {c:?} must be TAG=VALUE"))?;
+                now.insert(t.to_owned(), CurrentValue::good(parse_value(v)));
+            }
+            let cmd = PolicyCmd {
+                id: "dry-run".into(),
+                tag,
+                value: parse_value(&value),
+                operator,
+                roles,
+                amr,
+                approvers: approvers.into_iter().map(Approver::subject).collect(),
+                at_ms,
+            };
+            println!("{}", policy::dry_run(&p, &cmd, &now));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -168,6 +349,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 })
             })
         }
+        Command::Policy { command } => policy_main(command),
         Command::Key {
             command: KeyCommand::Outbox { out },
         } => {

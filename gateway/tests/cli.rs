@@ -128,3 +128,84 @@ fn check_reports_every_error_with_its_line_and_fails() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("not starting"), "{}", text(&out));
 }
+
+#[test]
+fn the_shipped_policy_checks_its_cases_pass_and_a_dry_run_explains_the_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = gateway(
+        &["pki", "dev", "--gateway-id", "plant1-gw1", "--out", "pki"],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.example.toml"),
+        dir.path().join("gateway.toml"),
+    )
+    .unwrap();
+    let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let policies = policies.to_str().unwrap();
+
+    let out = gateway(
+        &["policy", "check", policies, "-c", "gateway.toml"],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("OK"), "{}", text(&out));
+
+    let out = gateway(
+        &["policy", "cases", policies, "-c", "gateway.toml"],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("0 failed"), "{}", text(&out));
+
+    let out = gateway(
+        &[
+            "policy",
+            "test",
+            policies,
+            "-c",
+            "gateway.toml",
+            "--tag",
+            "tank1.level_setpoint",
+            "--value",
+            "3.0",
+            "--operator",
+            "alice@plant1",
+            "--role",
+            "plant1-operators",
+            "--at",
+            "2026-11-25T03:00:00+01:00",
+            "--current",
+            "tank1.level_setpoint=2.5",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    assert!(
+        t.contains("decision: DENY (outside_window)") && t.contains("tank1-setpoint"),
+        "{t}"
+    );
+
+    // A broken policy is reported with its line, and exits 1.
+    let broken = dir.path().join("broken");
+    std::fs::create_dir(&broken).unwrap();
+    std::fs::write(
+        broken.join("p.toml"),
+        "[[rules]]\nid = \"r\"\nroles = [\"nobody\"]\ntags = [\"tank1.level\"]\n",
+    )
+    .unwrap();
+    let out = gateway(
+        &[
+            "policy",
+            "check",
+            broken.to_str().unwrap(),
+            "-c",
+            "gateway.toml",
+        ],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("p.toml:"), "{}", text(&out));
+}

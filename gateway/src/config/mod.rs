@@ -21,7 +21,7 @@ pub use model::*;
 mod errors;
 mod load;
 mod position;
-mod read;
+pub(crate) mod read;
 mod registers;
 #[cfg(test)]
 mod tests;

@@ -420,7 +420,7 @@ impl<'a> Reader<'a> {
 }
 
 /// How a value is named in "found ..." messages.
-fn describe(v: &DeValue<'_>) -> String {
+pub(crate) fn describe(v: &DeValue<'_>) -> String {
     match v {
         DeValue::String(s) => format!("string \"{s}\""),
         DeValue::Integer(i) => format!("integer {i}"),

@@ -757,12 +757,15 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 /// What the outbox should hold.
+/// A gap record in the model: (seqs, points, reason).
+type ModelGap = (Vec<[u64; 2]>, Option<u64>, String);
+
 #[derive(Default)]
 struct Model {
     records: BTreeMap<u64, (Vec<u8>, u32)>,
     sizes: BTreeMap<u64, u64>,
     /// Unacknowledged gap records: id -> (seqs, points, reason).
-    gaps: BTreeMap<u64, (Vec<[u64; 2]>, Option<u64>, String)>,
+    gaps: BTreeMap<u64, ModelGap>,
     next_gap: u64,
     acked: BTreeSet<u64>,
     /// Every seq ever named by a gap record.
@@ -828,7 +831,7 @@ fn check(o: &Outbox, m: &Model, last_chain: &mut u64) -> Result<(), TestCaseErro
     // cleanly, which makes the non-durable acknowledgements durable, so
     // none comes back. (On a power loss one might: at-least-once.)
     prop_assert_eq!(all_pending(o), expect);
-    let gaps: BTreeMap<u64, (Vec<[u64; 2]>, Option<u64>, String)> = verified_gaps(o)
+    let gaps: BTreeMap<u64, ModelGap> = verified_gaps(o)
         .into_iter()
         .map(|g| (g.gap_id, (g.seqs, g.points, g.reason)))
         .collect();
