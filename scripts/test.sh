@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite, provisioning what it needs first:
 #   - Mosquitto (Debian package `mosquitto`), installed with apt when missing;
+#   - podman and runc (Debian packages), for the container test;
 #   - the Python peers (pymodbus, PyJWT, cryptography, asyncua) in ./.venv.
 # A test whose component is missing fails; nothing is skipped.
 set -euo pipefail
@@ -12,6 +13,11 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
   echo "== installing mosquitto (apt)"
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null
+fi
+if ! command -v podman >/dev/null 2>&1 || ! command -v runc >/dev/null 2>&1; then
+  echo "== installing podman and runc (apt), for the container test"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc >/dev/null
 fi
 
 req=tests/py/requirements.txt

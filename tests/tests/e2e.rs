@@ -822,3 +822,6 @@ async fn an_unusable_data_directory_degrades_to_the_reported_twin_without_crashi
     assert!(twin.rejections().is_empty());
     Ok(())
 }
+
+#[path = "e2e/container.rs"]
+mod container;
