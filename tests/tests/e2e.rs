@@ -801,7 +801,7 @@ async fn an_unusable_data_directory_degrades_to_the_reported_twin_without_crashi
     let gw = gateway::run::start(cfg).await?;
     assert!(gw.outbox.is_none(), "no outbox in degraded mode");
     twin.until(
-        Duration::from_secs(10),
+        Duration::from_secs(20),
         "a reported twin with live values",
         |t| {
             t.view().reported.is_some_and(|r| {
@@ -825,3 +825,5 @@ async fn an_unusable_data_directory_degrades_to_the_reported_twin_without_crashi
 
 #[path = "e2e/container.rs"]
 mod container;
+#[path = "e2e/faults.rs"]
+mod faults;

@@ -98,7 +98,7 @@ pub struct LinkParams {
 }
 
 /// Most outbox items published and not yet acknowledged.
-const WINDOW: usize = 64;
+const WINDOW: usize = 256;
 
 fn status_message(p: &LinkParams, state: State) -> Vec<u8> {
     let s = Status {
@@ -162,7 +162,9 @@ pub async fn run(
     ));
     // Capacity 0: see the module doc.
     let (client, mut eventloop) = AsyncClient::new(opts, 0);
-    eventloop.network_options.set_connection_timeout(10);
+    // A connect (TCP, TLS, CONNECT, CONNACK) that takes longer is abandoned
+    // and retried: a stuck attempt must not hold the link for long.
+    eventloop.network_options.set_connection_timeout(5);
 
     let tracker = Arc::new(std::sync::Mutex::new(Tracker::default()));
     let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<Ctl>();

@@ -55,6 +55,9 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 pub const FILE_NAME: &str = "outbox.redb";
 
+/// redb page cache of the outbox.
+const CACHE_BYTES: usize = 8 * 1024 * 1024;
+
 /// After an outbox is lost, the chain continues this far past the last
 /// checkpoint, so no sequence number signed since can be reused.
 pub const LOST_OUTBOX_SEQ_JUMP: u64 = 1_000_000;
@@ -570,6 +573,10 @@ impl Outbox {
 fn create_checked(path: &Path) -> Result<Database, redb::DatabaseError> {
     Database::builder()
         .set_check_integrity_on_open(true)
+        // redb caches up to 1 GiB by default; the outbox is written once and
+        // read about once, so a small cache keeps the gateway's memory flat
+        // during long outages.
+        .set_cache_size(CACHE_BYTES)
         .create(path)
 }
 
