@@ -13,8 +13,10 @@
 //! - [`tls`]: every TLS client setting in one place.
 //! - [`pki`], [`keyfile`]: dev PKI and private key file rules.
 
+pub mod audit;
 pub mod backoff;
 pub mod clock;
+pub mod command_auth;
 pub mod config;
 pub mod device;
 pub mod keyfile;

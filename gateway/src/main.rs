@@ -42,6 +42,11 @@ enum Command {
         #[command(subcommand)]
         command: KeyCommand,
     },
+    /// The tamper-evident audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Command policies: check them, run their test cases, dry-run a command.
     Policy {
         #[command(subcommand)]
@@ -75,6 +80,17 @@ enum KeyCommand {
     Public {
         /// Ed25519 private key, PKCS#8 PEM.
         key_file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Verify an audit log: names the first edited, deleted, inserted, reordered or truncated record; exit 1 if any.
+    Verify {
+        file: PathBuf,
+        /// The gateway's signing public key (PEM) that signed the checkpoints; repeat for several.
+        #[arg(long = "trust", required = true)]
+        trust: Vec<PathBuf>,
     },
 }
 
@@ -350,6 +366,25 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Policy { command } => policy_main(command),
+        Command::Audit {
+            command: AuditCommand::Verify { file, trust },
+        } => {
+            let mut store = twin_model::TrustStore::new();
+            for t in &trust {
+                let pem = std::fs::read_to_string(t).with_context(|| format!("{}", t.display()))?;
+                store
+                    .add_pem(&pem)
+                    .with_context(|| format!("{}", t.display()))?;
+            }
+            let report = gateway::audit::verify_file(&file, &store)
+                .with_context(|| format!("{}", file.display()))?;
+            println!("{report}");
+            Ok(if report.is_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::Key {
             command: KeyCommand::Outbox { out },
         } => {

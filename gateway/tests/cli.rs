@@ -209,3 +209,63 @@ fn the_shipped_policy_checks_its_cases_pass_and_a_dry_run_explains_the_decision(
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("p.toml:"), "{}", text(&out));
 }
+
+#[test]
+fn audit_verify_accepts_an_intact_log_and_names_the_first_altered_record() {
+    use std::sync::Arc;
+    use twin_model::audit::{ConfigChanged, Event};
+    let dir = tempfile::tempdir().unwrap();
+    let out = gateway(
+        &["pki", "dev", "--gateway-id", "plant1-gw1", "--out", "pki"],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let pem = std::fs::read_to_string(dir.path().join("pki/gateway-signing.key.pem")).unwrap();
+    let key = Arc::new(twin_model::SigningKey::from_pkcs8_pem(&pem).unwrap());
+    let log_path = dir.path().join("audit.jsonl");
+    let mut log = gateway::audit::AuditLog::open(&log_path, key, "plant1-gw1").unwrap();
+    for i in 0..5 {
+        log.append(&Event::ConfigChanged(ConfigChanged {
+            source: format!("gateway.toml#{i}"),
+            sha256: "x".repeat(43),
+            summary: "test".into(),
+        }))
+        .unwrap();
+    }
+    log.close("test").unwrap();
+
+    let out = gateway(
+        &[
+            "audit",
+            "verify",
+            "audit.jsonl",
+            "--trust",
+            "pki/gateway-signing.pub.pem",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).starts_with("OK:"), "{}", text(&out));
+
+    // Edit one record: the verifier names the place and fails.
+    let content = std::fs::read_to_string(&log_path).unwrap();
+    let edited = content.replacen("gateway.toml#2", "gateway.toml#9", 1);
+    assert_ne!(edited, content);
+    std::fs::write(&log_path, edited).unwrap();
+    let out = gateway(
+        &[
+            "audit",
+            "verify",
+            "audit.jsonl",
+            "--trust",
+            "pki/gateway-signing.pub.pem",
+        ],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("FAILED at line") && text(&out).contains("bad_prev"),
+        "{}",
+        text(&out)
+    );
+}

@@ -17,7 +17,9 @@
 //! The wire format is documented with golden test vectors in `docs/wire-format.md`;
 //! the tests in [`golden`] keep the document and the code in step.
 
+pub mod audit;
 pub mod batch;
+pub mod command;
 pub mod gap;
 pub mod golden;
 pub mod jws;
