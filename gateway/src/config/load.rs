@@ -23,12 +23,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_spanned::Spanned;
-use toml::de::DeTable;
 
 use super::errors::{ConfigError, ConfigErrors};
 use super::model::*;
 use super::position::LineIndex;
-use super::read::{Field, Reader, Table};
+use super::read::{parse_document, Field, Reader, Table};
 use super::registers::{overlaps, Claim};
 use crate::keyfile::{self, KeyFileError};
 
@@ -68,22 +67,13 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 /// resolved against its folder (the files they name are checked too).
 pub fn parse_str(path_for_messages: &Path, text: &str) -> Result<Config, ConfigErrors> {
     let mut r = Reader::new(path_for_messages, text);
-    let (root, syntax) = DeTable::parse_recoverable(text);
-    if !syntax.is_empty() {
-        for e in syntax {
-            let span = e.span().unwrap_or(0..0);
-            let mut message = e.message().to_string();
-            let mut help = None;
-            if message == "duplicate key" {
-                if let Some(key) = text.get(span.clone()) {
-                    message = format!("duplicate key \"{key}\"");
-                }
-                help = Some("a key or a [table] may be defined only once; repeated tables are written [[name]]");
-            }
-            r.error_help(&span, message, help);
-        }
+    let Some(root) = parse_document(
+        &mut r,
+        text,
+        "a key or a [table] may be defined only once; repeated tables are written [[name]]",
+    ) else {
         return Err(ConfigErrors::new(r.into_errors()));
-    }
+    };
     let base = path_for_messages
         .parent()
         .map(Path::to_path_buf)

@@ -124,6 +124,32 @@ pub struct Reader<'a> {
     errors: Vec<ConfigError>,
 }
 
+/// Parses a TOML document, reporting every syntax error to `r` (a
+/// duplicate key by name, with `duplicate_help`); `None` when there was any.
+pub(crate) fn parse_document<'i>(
+    r: &mut Reader<'_>,
+    text: &'i str,
+    duplicate_help: &'static str,
+) -> Option<Spanned<DeTable<'i>>> {
+    let (root, syntax) = DeTable::parse_recoverable(text);
+    if syntax.is_empty() {
+        return Some(root);
+    }
+    for e in syntax {
+        let span = e.span().unwrap_or(0..0);
+        let mut message = e.message().to_string();
+        let mut help = None;
+        if message == "duplicate key" {
+            if let Some(key) = text.get(span.clone()) {
+                message = format!("duplicate key \"{key}\"");
+            }
+            help = Some(duplicate_help);
+        }
+        r.error_help(&span, message, help);
+    }
+    None
+}
+
 impl<'a> Reader<'a> {
     /// A reader for `text`, naming `file` in its errors.
     pub fn new(file: &'a Path, text: &'a str) -> Self {

@@ -24,10 +24,10 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use serde_spanned::Spanned;
-use toml::de::{DeTable, DeValue};
+use toml::de::DeValue;
 
 use super::model::*;
-use crate::config::read::{closest, describe, Field, Reader, Table};
+use crate::config::read::{closest, describe, parse_document, Field, Reader, Table};
 use crate::config::{Config, ConfigError, ConfigErrors};
 
 /// A checked policy: every `*.toml` file of a policy folder (except
@@ -303,23 +303,14 @@ pub(crate) fn tzdb() -> &'static jiff::tz::TimeZoneDatabase {
 
 impl<'a> Checker<'a, '_> {
     fn file(&mut self, i: usize, text: &'a str) {
-        let (root, syntax) = DeTable::parse_recoverable(text);
         let r = &mut self.errors[i];
-        if !syntax.is_empty() {
-            for e in syntax {
-                let span = e.span().unwrap_or(0..0);
-                let mut message = e.message().to_string();
-                let mut help = None;
-                if message == "duplicate key" {
-                    if let Some(key) = text.get(span.clone()) {
-                        message = format!("duplicate key \"{key}\"");
-                    }
-                    help = Some("a key may be set only once; repeated tables are written [[rules]] or [[roles]]");
-                }
-                r.error_help(&span, message, help);
-            }
+        let Some(root) = parse_document(
+            r,
+            text,
+            "a key may be set only once; repeated tables are written [[rules]] or [[roles]]",
+        ) else {
             return;
-        }
+        };
         let top = Table {
             table: root.get_ref(),
             span: 0..0,
