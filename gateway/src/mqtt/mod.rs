@@ -269,26 +269,14 @@ pub async fn run(
     let mut cursor = 0u64;
     let mut latest_live: Option<Outgoing> = None;
     let mut acks: Vec<Item> = Vec::new();
+    let mut pending_ctl: Vec<Ctl> = Vec::new();
     let mut drain_until: Option<tokio::time::Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     loop {
         tokio::select! {
             _ = abort.cancelled() => break,
             ctl = ctl_rx.recv() => match ctl {
-                Some(Ctl::Connected) => {
-                    connected = true;
-                    unacked.clear();
-                    cursor = 0;
-                    let online = status_message(&p, State::Online);
-                    if !publish(topics.status(), online, true, None).await { break; }
-                }
-                Some(Ctl::Disconnected) => connected = false,
-                Some(Ctl::Acked(item)) => {
-                    if let Some(item) = item {
-                        unacked.remove(&item);
-                        acks.push(item);
-                    }
-                }
+                Some(ctl) => pending_ctl.push(ctl),
                 None => break,
             },
             m = live.recv(), if drain_until.is_none() => match m {
@@ -301,11 +289,37 @@ pub async fn run(
                 drain_until = Some(tokio::time::Instant::now() + drain_deadline);
             }
         }
-        // More acknowledgements may be waiting: take them all, then delete
-        // them in one transaction.
-        while let Ok(Ctl::Acked(Some(item))) = ctl_rx.try_recv() {
-            unacked.remove(&item);
-            acks.push(item);
+        // Take every message waiting from the event loop, in order (more
+        // acknowledgements usually are), then delete acknowledged items in
+        // one transaction.
+        while let Ok(ctl) = ctl_rx.try_recv() {
+            pending_ctl.push(ctl);
+        }
+        let mut announce_online = false;
+        for ctl in pending_ctl.drain(..) {
+            match ctl {
+                Ctl::Connected => {
+                    connected = true;
+                    unacked.clear();
+                    cursor = 0;
+                    announce_online = true;
+                }
+                Ctl::Disconnected => {
+                    connected = false;
+                    announce_online = false;
+                }
+                Ctl::Acked(Some(item)) => {
+                    unacked.remove(&item);
+                    acks.push(item);
+                }
+                Ctl::Acked(None) => {}
+            }
+        }
+        if announce_online {
+            let online = status_message(&p, State::Online);
+            if !publish(topics.status(), online, true, None).await {
+                break;
+            }
         }
         if !acks.is_empty() {
             if let Err(e) = outbox.as_ref().map_or(Ok(()), |o| o.ack(&acks)) {
