@@ -430,8 +430,8 @@ async fn a_full_outbox_during_a_long_outage_drops_only_what_its_gap_records_acco
     let t = Instant::now();
     while outbox.stats.dropped_batches.load(Ordering::Relaxed) < 30 {
         ensure!(
-            t.elapsed() < Duration::from_secs(20),
-            "the outbox did not overflow within 20 s ({} bytes stored)",
+            t.elapsed() < Duration::from_secs(90),
+            "the outbox did not overflow within 90 s ({} bytes stored)",
             outbox.stats.bytes.load(Ordering::Relaxed)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -612,6 +612,7 @@ async fn a_batch_altered_in_the_outbox_file_never_reaches_the_twin_and_a_gap_rec
     //    batches arrived, then stop.
     broker.restart().await?;
     let before = twin.events.len();
+    let before_batches = batch_events(&twin, 0).len();
     let mut gw = GatewayProcess::start(&config).await?;
     let outcome = twin
         .until(
@@ -688,14 +689,28 @@ async fn a_batch_altered_in_the_outbox_file_never_reaches_the_twin_and_a_gap_rec
         let resumed = batch_events(&twin, before)
             .into_iter()
             .find(|(s, _)| *s > signed);
+        // The twin's gap starts after the last batch it had; batches stored
+        // but already delivered (not yet acknowledged) at the stop may lie
+        // before or after `first_stored`, so only its end is exact.
         assert!(
             matches!(resumed, Some((seq, Continuity::Gap { from, to }))
-                if seq == signed + jump + 1 && from <= first_stored && to == signed + jump),
+                if seq == signed + jump + 1 && from <= signed + 1 && to == signed + jump),
             "{resumed:?}"
         );
+        assert_eq!(v.unexplained(), 0, "the outbox_lost record covers the gap");
+        // Nothing of the set-aside file was published after the restart: a
+        // batch of that range seen now was seen before (a redelivery by the
+        // broker of what it had before the stop).
+        let seen_before: std::collections::HashSet<u64> = batch_events(&twin, 0)[..]
+            .iter()
+            .take(before_batches)
+            .map(|(s, _)| *s)
+            .collect();
         assert!(
-            (first_stored..=signed).all(|s| !v.batch_points.contains_key(&s)),
-            "nothing of the set-aside file was published"
+            batch_events(&twin, before)
+                .iter()
+                .all(|(s, _)| !(first_stored..=signed).contains(s) || seen_before.contains(s)),
+            "nothing of the set-aside file was published after the restart"
         );
     }
     assert_eq!(v.unexplained(), 0, "gaps {:?}", v.gaps);
