@@ -344,6 +344,20 @@ key_file = "pki/gateway.key.pem"
         let points_at_restart = twin.view().points;
         let caught_up = |t: &Twin| t.latest_created >= restart_ms && t.view().unexplained() == 0;
         let limit = restart + Duration::from_secs(600).max(outage * 3);
+        // The gateway reconnects after its backoff (up to reconnect_max_ms):
+        // the drain is timed from the first batch that arrives after that.
+        while twin.view().points == points_at_restart {
+            if Instant::now() >= limit {
+                bail!("the gateway did not reconnect within {:?}", limit - restart);
+            }
+            twin.pump(Duration::from_millis(20)).await;
+        }
+        let reconnect = restart.elapsed();
+        println!(
+            "  reconnected {:.2} s after the broker came back (backoff)",
+            reconnect.as_secs_f64()
+        );
+        let restart = Instant::now();
         while !caught_up(&twin) {
             if Instant::now() >= limit {
                 bail!("the twin did not catch up within {:?}", limit - restart);
