@@ -273,29 +273,15 @@ pub fn tls_client_config(
     ca: &Path,
     client: Option<&CertPair>,
 ) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in
-        CertificateDer::pem_file_iter(ca).with_context(|| format!("reading {}", ca.display()))?
-    {
-        roots
-            .add(cert.with_context(|| format!("parsing {}", ca.display()))?)
-            .context("adding the CA certificate")?;
-    }
-    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    use gateway::tls;
+    let builder = rustls::ClientConfig::builder_with_provider(tls::provider())
+        .with_safe_default_protocol_versions()
+        .context("protocol versions")?
+        .with_root_certificates(tls::root_store(ca)?);
     let config = match client {
-        Some(pair) => {
-            let chain = CertificateDer::pem_file_iter(&pair.cert)
-                .with_context(|| format!("reading {}", pair.cert.display()))?
-                .collect::<Result<Vec<_>, _>>()
-                .with_context(|| format!("parsing {}", pair.cert.display()))?;
-            let key = PrivateKeyDer::from_pem_file(&pair.key)
-                .with_context(|| format!("reading {}", pair.key.display()))?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .context("client certificate and key do not match")?
-        }
+        Some(pair) => builder
+            .with_client_auth_cert(tls::read_certs(&pair.cert)?, tls::read_key(&pair.key)?)
+            .context("client certificate and key do not match")?,
         None => builder.with_no_client_auth(),
     };
     Ok(Arc::new(config))

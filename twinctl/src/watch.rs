@@ -240,14 +240,12 @@ impl Watcher {
                 Err(e) => self.reject(topic, Some(&gw), e.code(), e.to_string()),
             },
             topics::REPORTED => {
-                let parsed = self
-                    .trust
-                    .verify_compact(payload, REPORTED_TYP, twin_model::MAX_MESSAGE_BYTES)
-                    .map_err(|e| (e.code().to_owned(), e.to_string()))
-                    .and_then(|j| {
-                        serde_json::from_slice::<ReportedTwin>(&j.payload)
-                            .map_err(|e| ("bad_payload".to_owned(), e.to_string()))
-                    });
+                let parsed = verify_json::<ReportedTwin>(
+                    &self.trust,
+                    payload,
+                    REPORTED_TYP,
+                    twin_model::MAX_MESSAGE_BYTES,
+                );
                 match parsed {
                     Ok(t) if t.gateway_id == gw => {
                         let held = self
@@ -276,14 +274,7 @@ impl Watcher {
                 }
             }
             topics::STATUS => {
-                let parsed = self
-                    .trust
-                    .verify_compact(payload, STATUS_TYP, 64 * 1024)
-                    .map_err(|e| (e.code().to_owned(), e.to_string()))
-                    .and_then(|j| {
-                        serde_json::from_slice::<Status>(&j.payload)
-                            .map_err(|e| ("bad_payload".to_owned(), e.to_string()))
-                    });
+                let parsed = verify_json::<Status>(&self.trust, payload, STATUS_TYP, 64 * 1024);
                 match parsed {
                     Ok(s) if s.gateway_id == gw => {
                         self.gateways.entry(gw.clone()).or_default().status = Some(s.clone());
@@ -305,14 +296,7 @@ impl Watcher {
                 }
             }
             topics::GAPS => {
-                let parsed = self
-                    .trust
-                    .verify_compact(payload, GAP_TYP, 1024 * 1024)
-                    .map_err(|e| (e.code().to_owned(), e.to_string()))
-                    .and_then(|j| {
-                        serde_json::from_slice::<GapRecord>(&j.payload)
-                            .map_err(|e| ("bad_payload".to_owned(), e.to_string()))
-                    });
+                let parsed = verify_json::<GapRecord>(&self.trust, payload, GAP_TYP, 1024 * 1024);
                 match parsed {
                     Ok(g) if g.gateway_id == gw => {
                         self.gateways
@@ -342,6 +326,20 @@ impl Watcher {
             },
         }
     }
+}
+
+/// Verifies a signed message of type `typ` and parses its JSON payload;
+/// on failure, the reason code and message.
+fn verify_json<T: serde::de::DeserializeOwned>(
+    trust: &TrustStore,
+    payload: &[u8],
+    typ: &str,
+    max_len: usize,
+) -> Result<T, (String, String)> {
+    let jws = trust
+        .verify_compact(payload, typ, max_len)
+        .map_err(|e| (e.code().to_owned(), e.to_string()))?;
+    serde_json::from_slice(&jws.payload).map_err(|e| ("bad_payload".to_owned(), e.to_string()))
 }
 
 fn shrink_gaps(gaps: &mut Vec<(u64, u64)>, seq: u64) {

@@ -51,9 +51,7 @@ pub struct Outgoing {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutgoingKind {
-    Batch { seq: u64, points: usize },
     Reported { version: u64 },
-    Status,
 }
 
 /// The connection as others may observe it.

@@ -73,35 +73,8 @@ impl StateFile {
         &self.path
     }
 
-    /// Reads the state; genesis if the file does not exist yet.
-    pub fn load(&self) -> Result<ChainState, StateError> {
-        let text = match fs::read_to_string(&self.path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ChainState::GENESIS),
-            Err(source) => {
-                return Err(StateError::Io {
-                    path: self.path.clone(),
-                    source,
-                })
-            }
-        };
-        let corrupt = |reason: String| StateError::Corrupt {
-            path: self.path.clone(),
-            reason,
-        };
-        let d: OnDisk = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
-        let prev_hash = BatchHash::from_b64url(&d.prev_hash)
-            .ok_or_else(|| corrupt("prev_hash is not a SHA-256".into()))?;
-        Ok(ChainState {
-            seq: d.seq,
-            prev_hash,
-            twin_version: d.twin_version,
-        })
-    }
-
-    /// Replaces the state atomically and durably.
-    /// The lowest unacknowledged sequence number recorded with the state.
-    pub fn load_first_unacked(&self) -> Result<Option<u64>, StateError> {
+    /// The file's content; `None` if it does not exist yet.
+    fn read(&self) -> Result<Option<OnDisk>, StateError> {
         let text = match fs::read_to_string(&self.path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -112,11 +85,34 @@ impl StateFile {
                 })
             }
         };
-        let d: OnDisk = serde_json::from_str(&text).map_err(|e| StateError::Corrupt {
-            path: self.path.clone(),
-            reason: e.to_string(),
-        })?;
-        Ok(d.first_unacked)
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| StateError::Corrupt {
+                path: self.path.clone(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Reads the state; genesis if the file does not exist yet.
+    pub fn load(&self) -> Result<ChainState, StateError> {
+        let Some(d) = self.read()? else {
+            return Ok(ChainState::GENESIS);
+        };
+        let prev_hash =
+            BatchHash::from_b64url(&d.prev_hash).ok_or_else(|| StateError::Corrupt {
+                path: self.path.clone(),
+                reason: "prev_hash is not a SHA-256".into(),
+            })?;
+        Ok(ChainState {
+            seq: d.seq,
+            prev_hash,
+            twin_version: d.twin_version,
+        })
+    }
+
+    /// The lowest unacknowledged sequence number recorded with the state.
+    pub fn load_first_unacked(&self) -> Result<Option<u64>, StateError> {
+        Ok(self.read()?.and_then(|d| d.first_unacked))
     }
 
     pub fn save(&self, s: &ChainState) -> Result<(), StateError> {
