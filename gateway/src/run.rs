@@ -1,15 +1,20 @@
 //! Assembling and running the gateway: devices -> uplink -> MQTT link, and
 //! the ordered shutdown.
 //!
-//! Shutdown order: stop polling (device tasks end and drop their senders),
+//! Shutdown order: stop taking commands (the downlink finishes the command
+//! in hand and closes the audit log in order), stop polling (device tasks
+//! end and drop their senders),
 //! the uplink flushes and signs what it holds and then closes its output,
 //! the MQTT link hands everything to the broker, publishes `offline`, waits
 //! for the acknowledgements and disconnects. A deadline bounds the whole
 //! sequence; tasks still running at the deadline are named in the log.
 
 use crate::config::{Config, DeviceConfig};
-use crate::device::{modbus::ModbusDriver, DeviceContext, DeviceEvent};
-use crate::mqtt::{self, LinkParams, LinkState, LinkStats, Outgoing};
+use crate::device::{modbus::ModbusDriver, DeviceContext, DeviceEvent, Writers, WRITE_QUEUE};
+use crate::downlink::{
+    current::CurrentTable, limit::Bucket, receive, Downlink, DownlinkParts, DownlinkStats,
+};
+use crate::mqtt::{self, LinkParams, LinkState, LinkStats, Outgoing, Subscription};
 use crate::outbox::{Outbox, OutboxOptions};
 use crate::uplink::{
     self,
@@ -47,6 +52,7 @@ pub struct GatewayHandle {
     pub link: watch::Receiver<LinkState>,
     pub uplink_stats: Arc<UplinkStats>,
     pub link_stats: Arc<LinkStats>,
+    pub downlink_stats: Arc<DownlinkStats>,
     /// `None` when the outbox could not be opened (degraded: no batches).
     pub outbox: Option<Arc<Outbox>>,
     /// Key id of the telemetry signing key.
@@ -150,14 +156,75 @@ pub async fn start(cfg: Config) -> anyhow::Result<GatewayHandle> {
     let (store_tx, store_rx) = mpsc::channel::<WriteJob>(STORE_QUEUE);
     let (live_tx, live_rx) = mpsc::channel::<Outgoing>(4);
     let (state_tx, state_rx) = watch::channel(LinkState::Connecting);
+    let (events_tx, events_rx) = mpsc::channel::<Outgoing>(256);
     let uplink_stats = Arc::new(UplinkStats::default());
     let link_stats = Arc::new(LinkStats::default());
     let mut tasks = Vec::new();
 
+    // The downlink first: at shutdown it stops taking commands before the
+    // devices stop.
+    let cfg = Arc::new(cfg);
+    let current = cfg
+        .commands
+        .as_ref()
+        .map(|_| Arc::new(CurrentTable::default()));
+    let mut writers = Writers::default();
+    let mut write_queues = Vec::new();
     for dev in &cfg.devices {
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        writers.add(dev.tag_names(), &tx);
+        write_queues.push(rx);
+    }
+    let (downlink, downlink_stats) = Downlink::start(DownlinkParts {
+        config: cfg.clone(),
+        key: key.clone(),
+        topics: topics.clone(),
+        out: events_tx,
+        current: current.clone().unwrap_or_default(),
+        writers,
+        audit_options: crate::audit::AuditOptions {
+            checkpoint_every_records: cfg.audit.checkpoint_records,
+            checkpoint_interval_ms: cfg.audit.checkpoint_interval.as_millis() as u64,
+            ..Default::default()
+        },
+    })
+    .await;
+    let subscription = match &cfg.commands {
+        Some(cc) => {
+            let (in_tx, in_rx) = mpsc::unbounded_channel();
+            let (work_tx, work_rx) = mpsc::channel(receive::WORK_QUEUE);
+            tasks.push((
+                "command admission".into(),
+                tokio::spawn(receive::run(
+                    in_rx,
+                    work_tx,
+                    Bucket::new(cc.rate_per_s, cc.burst, clock::now_ms()),
+                    stop_devices.clone(),
+                )),
+            ));
+            tasks.push((
+                "downlink".into(),
+                tokio::spawn(downlink.run(Some(work_rx), stop_devices.clone())),
+            ));
+            Some(Subscription {
+                topic: topics.command(),
+                inbound: in_tx,
+            })
+        }
+        None => {
+            tasks.push((
+                "downlink".into(),
+                tokio::spawn(downlink.run(None, stop_devices.clone())),
+            ));
+            None
+        }
+    };
+
+    for (dev, writes) in cfg.devices.iter().zip(write_queues) {
         let ctx = DeviceContext {
             shutdown: stop_devices.clone(),
             out: dev_tx.clone(),
+            writes,
         };
         let name = format!("device {}", dev.name());
         let handle = match dev.clone() {
@@ -174,6 +241,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<GatewayHandle> {
         flush_interval: cfg.mqtt.flush_interval,
         reported_interval: cfg.mqtt.reported_interval,
         stats: uplink_stats.clone(),
+        current,
     };
     tasks.push((
         "uplink".into(),
@@ -206,12 +274,14 @@ pub async fn start(cfg: Config) -> anyhow::Result<GatewayHandle> {
         outbox: outbox.clone(),
         wake,
         finish,
+        subscription,
     };
     tasks.push((
         "mqtt".into(),
         tokio::spawn(mqtt::run(
             params,
             live_rx,
+            events_rx,
             state_tx,
             link_stats.clone(),
             abort.clone(),
@@ -223,6 +293,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<GatewayHandle> {
         link: state_rx,
         uplink_stats,
         link_stats,
+        downlink_stats,
         outbox,
         kid: key.kid().to_owned(),
         stop_devices,

@@ -296,7 +296,7 @@ fn acl_text(gateway_id: &str, operator: &str) -> String {
          # Operator: reads every twin, writes only commands.\n\
          user {operator}\n\
          topic read twin/#\n\
-         topic write twin/+/commands\n"
+         topic write twin/+/command\n"
     )
 }
 

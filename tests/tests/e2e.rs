@@ -823,6 +823,8 @@ async fn an_unusable_data_directory_degrades_to_the_reported_twin_without_crashi
     Ok(())
 }
 
+#[path = "e2e/commands.rs"]
+mod commands;
 #[path = "e2e/container.rs"]
 mod container;
 #[path = "e2e/faults.rs"]

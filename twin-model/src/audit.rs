@@ -83,6 +83,9 @@ pub enum Kind {
     Checkpoint,
     Started,
     Stopped,
+    CommandOutcome,
+    CommandsDropped,
+    ShadowDifference,
 }
 
 impl Kind {
@@ -97,6 +100,9 @@ impl Kind {
             Kind::Checkpoint => "checkpoint",
             Kind::Started => "started",
             Kind::Stopped => "stopped",
+            Kind::CommandOutcome => "command_outcome",
+            Kind::CommandsDropped => "commands_dropped",
+            Kind::ShadowDifference => "shadow_difference",
         }
     }
 }
@@ -139,15 +145,65 @@ pub struct CommandDecision {
     pub approval_tokens: Vec<String>,
 }
 
+/// `command_outcome`: what became of a permitted command, after acting.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandOutcome {
+    pub command_id: String,
+    pub tag: String,
+    /// `applied` or `failed`.
+    pub status: String,
+    /// Stable failure code (`None` when applied), e.g. `readback_mismatch`.
+    pub code: Option<String>,
+    pub reason: String,
+    /// The value read back after the write.
+    pub readback: Option<Value>,
+    /// Index of the `command_decision` record this outcome follows.
+    pub decision_n: u64,
+}
+
+/// `commands_dropped`: command messages refused in bulk, without being
+/// read, by the global rate limit or a full queue (a flood is summarised,
+/// not written record by record).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandsDropped {
+    /// `rate_limited` or `queue_full`.
+    pub code: String,
+    pub count: u64,
+    /// When the first and last of them arrived, ms since the Unix epoch.
+    pub first_ms: u64,
+    pub last_ms: u64,
+}
+
+/// `shadow_difference`: the candidate policy (shadow mode) would have
+/// decided a command differently from the policy in force.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowDifference {
+    pub command_id: String,
+    pub tag: String,
+    /// The decision in force: `permit` or `deny:<code>`, with its rule.
+    pub enforced: String,
+    pub enforced_rule: Option<String>,
+    /// What the candidate would have decided.
+    pub candidate: String,
+    pub candidate_rule: Option<String>,
+    /// Where the candidate policy was read from.
+    pub candidate_source: String,
+}
+
 /// `policy_loaded`: a policy now in force.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyLoaded {
     /// Where the policy came from (file or folder).
     pub source: String,
-    /// base64url SHA-256 of the policy text.
+    /// Digest of the policy files: base64url SHA-256 over, for each policy
+    /// file in name order, its path, a 0 byte, the SHA-256 of its content
+    /// and a 0 byte.
     pub sha256: String,
-    /// `enforce` or `audit`.
+    /// `enforce` or `audit` (or `shadow` for a candidate policy).
     pub mode: String,
     /// Number of rules.
     pub rules: u64,
@@ -159,7 +215,8 @@ pub struct PolicyLoaded {
 #[serde(deny_unknown_fields)]
 pub struct PolicyRejected {
     pub source: String,
-    /// base64url SHA-256 of the policy text, when it could be read.
+    /// Digest of the policy files (as in `policy_loaded`); `None` when the
+    /// folder is missing or holds no policy file.
     pub sha256: Option<String>,
     /// Every error found, each with its place.
     pub errors: Vec<String>,
@@ -275,6 +332,9 @@ pub enum Event {
     Checkpoint(Checkpoint),
     Started(Started),
     Stopped(Stopped),
+    CommandOutcome(CommandOutcome),
+    CommandsDropped(CommandsDropped),
+    ShadowDifference(ShadowDifference),
 }
 
 impl Event {
@@ -288,6 +348,9 @@ impl Event {
             Event::Checkpoint(_) => Kind::Checkpoint,
             Event::Started(_) => Kind::Started,
             Event::Stopped(_) => Kind::Stopped,
+            Event::CommandOutcome(_) => Kind::CommandOutcome,
+            Event::CommandsDropped(_) => Kind::CommandsDropped,
+            Event::ShadowDifference(_) => Kind::ShadowDifference,
         }
     }
 }
@@ -358,6 +421,9 @@ pub fn parse_line(line: &[u8]) -> Result<Record, LineError> {
         Kind::Checkpoint => Event::Checkpoint(event_of(line)?),
         Kind::Started => Event::Started(event_of(line)?),
         Kind::Stopped => Event::Stopped(event_of(line)?),
+        Kind::CommandOutcome => Event::CommandOutcome(event_of(line)?),
+        Kind::CommandsDropped => Event::CommandsDropped(event_of(line)?),
+        Kind::ShadowDifference => Event::ShadowDifference(event_of(line)?),
     };
     Ok(Record {
         n: head.n,

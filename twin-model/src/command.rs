@@ -105,6 +105,85 @@ pub struct ApprovalClaims {
     pub approves: Approves,
 }
 
+/// Most approval tokens in one command message.
+pub const MAX_APPROVALS: usize = 16;
+/// Deepest nesting accepted in a command message envelope (the object and
+/// its `approvals` array).
+pub const MAX_ENVELOPE_DEPTH: usize = 2;
+
+/// A message on the command topic: one command token and the approval
+/// tokens that go with it.
+///
+/// On the wire it is either the bare command token (JWS compact, ASCII),
+/// or a JSON object `{"command":"<token>","approvals":["<token>",…]}` with
+/// exactly these members (`approvals` may be absent or empty). Only the
+/// shape is checked here; the tokens are verified by the gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    pub command: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approvals: Vec<String>,
+}
+
+/// Why a command message is not an [`Envelope`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("message is not UTF-8")]
+    NotUtf8,
+    #[error("message nests deeper than {MAX_ENVELOPE_DEPTH} levels")]
+    TooDeep,
+    #[error("message is not a command envelope: {0}")]
+    Invalid(String),
+}
+
+impl EnvelopeError {
+    /// The reason code a refusal reports (shared with the token checks).
+    pub fn code(&self) -> &'static str {
+        match self {
+            EnvelopeError::NotUtf8 => "not_utf8",
+            EnvelopeError::TooDeep => "too_deep",
+            EnvelopeError::Invalid(_) => "bad_envelope",
+        }
+    }
+}
+
+impl Envelope {
+    /// Reads a command message: a bare token, or the JSON envelope. The
+    /// caller checks the message size first.
+    pub fn parse(message: &[u8]) -> Result<Envelope, EnvelopeError> {
+        let text = std::str::from_utf8(message).map_err(|_| EnvelopeError::NotUtf8)?;
+        let trimmed = text.trim_matches(|c: char| c.is_ascii_whitespace());
+        if !trimmed.starts_with(['{', '[']) {
+            return Ok(Envelope {
+                command: trimmed.to_owned(),
+                approvals: Vec::new(),
+            });
+        }
+        if nesting_depth(trimmed.as_bytes(), MAX_ENVELOPE_DEPTH) > MAX_ENVELOPE_DEPTH {
+            return Err(EnvelopeError::TooDeep);
+        }
+        let env: Envelope =
+            serde_json::from_str(trimmed).map_err(|e| EnvelopeError::Invalid(e.to_string()))?;
+        if env.approvals.len() > MAX_APPROVALS {
+            return Err(EnvelopeError::Invalid(format!(
+                "more than {MAX_APPROVALS} approvals"
+            )));
+        }
+        Ok(env)
+    }
+
+    /// The message as the operator tool sends it: the bare token when there
+    /// are no approvals, the JSON envelope otherwise.
+    pub fn to_message(&self) -> Vec<u8> {
+        if self.approvals.is_empty() {
+            self.command.clone().into_bytes()
+        } else {
+            serde_json::to_vec(self).expect("envelope serializes")
+        }
+    }
+}
+
 /// Why a claims payload was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ClaimsError {

@@ -13,6 +13,9 @@
 //! - [`jws`]: JWS compact serialization with EdDSA (Ed25519), key ids, trust store.
 //! - [`verify`]: the batch verifier (signature, sequence continuity, hash chain).
 //! - [`topics`]: MQTT topic names.
+//! - [`command`]: claims of operator-signed command and approval tokens, and the command message envelope.
+//! - [`result`]: the signed result of a command.
+//! - [`audit`]: the hash-chained audit log records and their verifier.
 //!
 //! The wire format is documented with golden test vectors in `docs/wire-format.md`;
 //! the tests in [`golden`] keep the document and the code in step.
@@ -23,6 +26,7 @@ pub mod command;
 pub mod gap;
 pub mod golden;
 pub mod jws;
+pub mod result;
 pub mod sample;
 pub mod status;
 pub mod topics;

@@ -13,6 +13,14 @@ pub const REPORTED: &str = "reported";
 pub const GAPS: &str = "gaps";
 /// Signed online/offline status (QoS 1, retained; the offline message is the last will).
 pub const STATUS: &str = "status";
+/// Operator-signed commands to the gateway (QoS 1, never retained: a
+/// retained command is refused).
+pub const COMMAND: &str = "command";
+/// Signed command results from the gateway (QoS 1, not retained).
+pub const RESULT: &str = "result";
+/// The gateway's audit records, each line exactly as written to its audit
+/// log (QoS 1, not retained).
+pub const AUDIT: &str = "audit";
 
 /// The topics of one gateway.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +48,15 @@ impl Topics {
     }
     pub fn status(&self) -> String {
         format!("{}/{STATUS}", self.base)
+    }
+    pub fn command(&self) -> String {
+        format!("{}/{COMMAND}", self.base)
+    }
+    pub fn result(&self) -> String {
+        format!("{}/{RESULT}", self.base)
+    }
+    pub fn audit(&self) -> String {
+        format!("{}/{AUDIT}", self.base)
     }
     /// Filter matching every topic of this gateway.
     pub fn all(&self) -> String {

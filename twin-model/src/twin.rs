@@ -21,6 +21,10 @@ pub struct TagState {
     /// Engineering unit from the device configuration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unit: Option<String>,
+    /// The id of the command whose confirmed write set the tag last (kept
+    /// until another command writes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_id: Option<String>,
 }
 
 /// The reported twin document. Field order is the serialization order.
@@ -55,19 +59,36 @@ impl ReportedTwin {
     /// changed (and the version was increased). A sample older than the
     /// state already held is ignored.
     pub fn apply(&mut self, sample: &Sample, unit: Option<&str>) -> bool {
-        let next = TagState {
+        self.apply_command(sample, unit, None)
+    }
+
+    /// [`ReportedTwin::apply`] for the read-back of a confirmed command
+    /// write: the tag then names `command_id` (`None` keeps the id the tag
+    /// had).
+    pub fn apply_command(
+        &mut self,
+        sample: &Sample,
+        unit: Option<&str>,
+        command_id: Option<&str>,
+    ) -> bool {
+        let mut next = TagState {
             value: sample.value.clone(),
             quality: sample.quality,
             reason: sample.reason.clone(),
             ts_ms: sample.ts_ms,
             unit: unit.map(str::to_owned),
+            command_id: command_id.map(str::to_owned),
         };
         match self.tags.get_mut(&sample.tag) {
             Some(cur) if cur.ts_ms > sample.ts_ms => false,
             Some(cur) => {
+                if next.command_id.is_none() {
+                    next.command_id.clone_from(&cur.command_id);
+                }
                 let changed = cur.value != next.value
                     || cur.quality != next.quality
-                    || cur.reason != next.reason;
+                    || cur.reason != next.reason
+                    || cur.command_id != next.command_id;
                 *cur = next;
                 if changed {
                     self.version += 1;

@@ -218,8 +218,12 @@ struct Loader<'a> {
 
 impl Loader<'_> {
     fn config(&mut self, root: &Table<'_, '_>) -> Option<Config> {
-        self.r
-            .unknown_keys(root, &["gateway", "signing", "mqtt", "outbox", "devices"]);
+        self.r.unknown_keys(
+            root,
+            &[
+                "gateway", "signing", "mqtt", "outbox", "audit", "commands", "devices",
+            ],
+        );
         let gateway = self
             .section(root, "gateway", "[gateway]")
             .and_then(|t| self.gateway(&t));
@@ -231,6 +235,8 @@ impl Loader<'_> {
             .section(root, "mqtt", "[mqtt]")
             .and_then(|t| self.mqtt(&t, gateway_id.as_deref()));
         let outbox = self.outbox(root);
+        let audit = self.audit(root, gateway.as_ref().map(|g| g.data_dir.as_path()));
+        let commands = self.commands(root);
         let devices = self.devices(root);
         Some(Config {
             source: self.source.to_path_buf(),
@@ -238,6 +244,8 @@ impl Loader<'_> {
             signing: signing?,
             mqtt: mqtt?,
             outbox: outbox?,
+            audit: audit?,
+            commands: commands?,
             devices: devices?,
         })
     }
@@ -410,6 +418,115 @@ impl Loader<'_> {
             full_policy: full_policy.or(d.full_policy)?,
             encryption_key_file: key?,
         })
+    }
+
+    /// The optional `[audit]` table.
+    fn audit(&mut self, root: &Table<'_, '_>, data_dir: Option<&Path>) -> Option<AuditConfig> {
+        let t = match self.r.table(root, "audit", "[audit]") {
+            Field::Absent => None,
+            Field::Invalid => return None,
+            Field::Valid(t) => Some(t.into_inner()),
+        };
+        let (file, interval_s, records) = match &t {
+            None => (Field::Absent, Field::Absent, Field::Absent),
+            Some(t) => {
+                self.r
+                    .unknown_keys(t, &["file", "checkpoint_interval_s", "checkpoint_records"]);
+                (
+                    self.r.non_empty(t, "file"),
+                    self.r
+                        .integer::<u64>(t, "checkpoint_interval_s", 1..=86_400),
+                    self.r
+                        .integer::<u64>(t, "checkpoint_records", 1..=1_000_000),
+                )
+            }
+        };
+        let file = match file {
+            Field::Absent => data_dir?.join("audit.jsonl"),
+            f => self.resolve(&f.value()?),
+        };
+        Some(AuditConfig {
+            file,
+            checkpoint_interval: Duration::from_secs(interval_s.or(60)?),
+            checkpoint_records: records.or(100)?,
+        })
+    }
+
+    /// The optional `[commands]` table.
+    fn commands(&mut self, root: &Table<'_, '_>) -> Option<Option<CommandsConfig>> {
+        let t = match self.r.table(root, "commands", "[commands]") {
+            Field::Absent => return Some(None),
+            Field::Invalid => return None,
+            Field::Valid(t) => t.into_inner(),
+        };
+        self.r.unknown_keys(
+            &t,
+            &[
+                "policy_dir",
+                "candidate_policy_dir",
+                "operator_keys_dir",
+                "issuer",
+                "max_message_bytes",
+                "max_token_lifetime_s",
+                "clock_leeway_s",
+                "rate_per_s",
+                "burst",
+                "operator_rate_per_s",
+                "operator_burst",
+                "write_timeout_ms",
+                "policy_reload_ms",
+                "replay_capacity",
+            ],
+        );
+        let policy_dir = self.r.non_empty(&t, "policy_dir");
+        let policy_dir = self
+            .r
+            .required(&t, "policy_dir", "\"policies\"", policy_dir);
+        let candidate = self.r.non_empty(&t, "candidate_policy_dir");
+        let keys = self.r.non_empty(&t, "operator_keys_dir");
+        let keys = self
+            .r
+            .required(&t, "operator_keys_dir", "\"operators\"", keys);
+        let issuer = self.r.non_empty(&t, "issuer");
+        let issuer = self.r.required(&t, "issuer", "\"plant-ops\"", issuer);
+        let max_message_bytes = self
+            .r
+            .integer::<usize>(&t, "max_message_bytes", 1024..=1_048_576);
+        let lifetime_s = self
+            .r
+            .integer::<u64>(&t, "max_token_lifetime_s", 1..=86_400);
+        let leeway_s = self.r.integer::<u64>(&t, "clock_leeway_s", 0..=600);
+        let rate = self.r.integer::<u32>(&t, "rate_per_s", 1..=10_000);
+        let burst = self.r.integer::<u32>(&t, "burst", 1..=100_000);
+        let op_rate = self.r.integer::<u32>(&t, "operator_rate_per_s", 1..=10_000);
+        let op_burst = self.r.integer::<u32>(&t, "operator_burst", 1..=100_000);
+        let write_timeout_ms = self.r.integer::<u64>(&t, "write_timeout_ms", 10..=60_000);
+        let reload_ms = self
+            .r
+            .integer::<u64>(&t, "policy_reload_ms", 100..=3_600_000);
+        let capacity = self
+            .r
+            .integer::<u64>(&t, "replay_capacity", 100..=100_000_000);
+        let candidate = match candidate {
+            Field::Absent => Some(None),
+            f => f.value().map(|p| Some(self.resolve(&p))),
+        };
+        Some(Some(CommandsConfig {
+            policy_dir: self.resolve(&policy_dir.value()?),
+            candidate_policy_dir: candidate?,
+            operator_keys_dir: self.resolve(&keys.value()?),
+            issuer: issuer.value()?,
+            max_message_bytes: max_message_bytes.or(65_536)?,
+            max_token_lifetime: Duration::from_secs(lifetime_s.or(300)?),
+            clock_leeway: Duration::from_secs(leeway_s.or(30)?),
+            rate_per_s: rate.or(20)?,
+            burst: burst.or(40)?,
+            operator_rate_per_s: op_rate.or(5)?,
+            operator_burst: op_burst.or(10)?,
+            write_timeout: ms(write_timeout_ms.or(2_000)?),
+            policy_reload: ms(reload_ms.or(1_000)?),
+            replay_capacity: capacity.or(100_000)?,
+        }))
     }
 
     fn tls(&mut self, t: &Table<'_, '_>) -> Option<TlsConfig> {

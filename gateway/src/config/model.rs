@@ -16,7 +16,57 @@ pub struct Config {
     pub signing: SigningConfig,
     pub mqtt: MqttConfig,
     pub outbox: OutboxConfig,
+    pub audit: AuditConfig,
+    /// `None` when the configuration has no `[commands]` table: the gateway
+    /// then subscribes to no command topic and writes nothing.
+    pub commands: Option<CommandsConfig>,
     pub devices: Vec<DeviceConfig>,
+}
+
+/// The audit log (`[audit]`, optional).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditConfig {
+    /// The log file; default `audit.jsonl` in the data directory.
+    pub file: PathBuf,
+    /// A signed checkpoint at least this often while records are written.
+    pub checkpoint_interval: Duration,
+    /// A signed checkpoint after at most this many records.
+    pub checkpoint_records: u64,
+}
+
+/// Commands from the twin (`[commands]`, optional).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandsConfig {
+    /// The enforced policy: every `*.toml` of the folder except `*.tests.toml`.
+    pub policy_dir: PathBuf,
+    /// A candidate policy evaluated beside the enforced one (shadow mode):
+    /// where they would decide differently is audited; it never permits.
+    pub candidate_policy_dir: Option<PathBuf>,
+    /// Operators' public keys (`*.pem`, Ed25519 or P-256), the only keys
+    /// command and approval tokens are accepted from.
+    pub operator_keys_dir: PathBuf,
+    /// The `iss` every token must carry.
+    pub issuer: String,
+    /// Largest command message (token plus approvals), checked before
+    /// anything is read.
+    pub max_message_bytes: usize,
+    /// Longest `exp - iat` accepted.
+    pub max_token_lifetime: Duration,
+    /// Clock leeway for `exp`, `nbf` and `iat`.
+    pub clock_leeway: Duration,
+    /// Global limit on command messages, before any is verified: sustained
+    /// rate per second and burst.
+    pub rate_per_s: u32,
+    pub burst: u32,
+    /// Limit per authenticated operator: sustained rate per second and burst.
+    pub operator_rate_per_s: u32,
+    pub operator_burst: u32,
+    /// Longest write plus read-back before the command is reported failed.
+    pub write_timeout: Duration,
+    /// How often the policy folders are checked for changes.
+    pub policy_reload: Duration,
+    /// Most token ids remembered for replay protection.
+    pub replay_capacity: u64,
 }
 
 /// What happens when the outbox reaches a bound.
@@ -117,6 +167,25 @@ impl DeviceConfig {
     pub fn name(&self) -> &str {
         match self {
             DeviceConfig::Modbus(d) => &d.name,
+        }
+    }
+
+    /// Names of the device's tags, in configuration order.
+    pub fn tag_names(&self) -> Vec<&str> {
+        match self {
+            DeviceConfig::Modbus(d) => d.tags.iter().map(|t| t.name.as_str()).collect(),
+        }
+    }
+
+    pub fn tag_count(&self) -> usize {
+        match self {
+            DeviceConfig::Modbus(d) => d.tags.len(),
+        }
+    }
+
+    pub fn writable_count(&self) -> usize {
+        match self {
+            DeviceConfig::Modbus(d) => d.tags.iter().filter(|t| t.writable).count(),
         }
     }
 }

@@ -1,15 +1,28 @@
 //! The device side: one owner task per device connection.
 //!
 //! A driver is a typed config plus `run(ctx)`; the [`DeviceContext`] holds
-//! everything a driver may touch: the shutdown token and the channel its
-//! samples go out on. Drivers never crash on device faults: timeouts,
-//! exceptions and lost connections become bad-quality samples.
+//! everything a driver may touch: the shutdown token, the channel its
+//! samples go out on, and the channel its write requests come in on.
+//! Drivers never crash on device faults: timeouts, exceptions and lost
+//! connections become bad-quality samples, or failed writes.
+//!
+//! Writes: a [`WriteRequest`] carries a [`WritePermit`], which only the
+//! policy decision can create, so no write reaches a device without one.
+//! [`Writers`] routes a permit to the owner task of the device that holds
+//! the tag; the owner serves it between two poll cycles on the same
+//! connection (never two requests in flight), reads the value back, and
+//! answers with a [`WriteReport`] or a [`WriteFailure`].
 
 pub mod modbus;
 
-use tokio::sync::mpsc;
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use twin_model::Sample;
+use twin_model::{Sample, Value};
+
+use crate::policy::WritePermit;
 
 /// Samples from one device. A poll cycle may arrive in several parts;
 /// `cycle_done` marks the last part of a cycle.
@@ -18,11 +31,163 @@ pub struct DeviceEvent {
     pub device: String,
     pub samples: Vec<Sample>,
     pub cycle_done: bool,
+    /// Set when the samples are the read-back of a confirmed command
+    /// write: the reported twin then names the command.
+    pub command_id: Option<String>,
 }
 
 /// What a device driver may touch.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct DeviceContext {
     pub shutdown: CancellationToken,
     pub out: mpsc::Sender<DeviceEvent>,
+    /// Write requests for this device's tags (never closed by the sender
+    /// while the gateway runs; a driver without writable tags still drains it).
+    pub writes: mpsc::Receiver<WriteRequest>,
+}
+
+/// One permitted write, on its way to the device that holds the tag.
+#[derive(Debug)]
+pub struct WriteRequest {
+    pub permit: WritePermit,
+    /// The value the operator expects the tag to hold now: read first, and
+    /// nothing is written when it differs.
+    pub expect: Option<Value>,
+    pub reply: oneshot::Sender<Result<WriteReport, WriteFailure>>,
+}
+
+/// A write the device accepted and that read back as written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WriteReport {
+    /// The value read back after the write (engineering units).
+    pub readback: Value,
+    /// Write frames sent (one: a multi-register value goes in one FC 16).
+    pub frames: u32,
+}
+
+/// Why a permitted write did not happen, or was not confirmed. `code` is
+/// stable (results and audit records carry it).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{code}: {reason}")]
+pub struct WriteFailure {
+    pub code: &'static str,
+    pub reason: String,
+    /// Whether a write frame went out (the device may hold the new value).
+    pub written: bool,
+    /// The value read back, when one was read.
+    pub readback: Option<Value>,
+}
+
+impl WriteFailure {
+    pub fn new(code: &'static str, reason: impl Into<String>, written: bool) -> Self {
+        WriteFailure {
+            code,
+            reason: reason.into(),
+            written,
+            readback: None,
+        }
+    }
+}
+
+/// Stable codes of [`WriteFailure`].
+pub mod write_code {
+    /// No device holds the tag (configuration changed underneath).
+    pub const UNKNOWN_TAG: &str = "unknown_tag";
+    /// The tag is not `writable` in the device configuration.
+    pub const READ_ONLY_TAG: &str = "read_only_tag";
+    /// The value cannot be encoded for the tag's type.
+    pub const ENCODE_ERROR: &str = "encode_error";
+    /// The device is not connected.
+    pub const DEVICE_UNAVAILABLE: &str = "device_unavailable";
+    /// The tag's current value differs from the command's `expect`.
+    pub const EXPECT_MISMATCH: &str = "expect_mismatch";
+    /// The device answered the write with an exception.
+    pub const DEVICE_EXCEPTION: &str = "device_exception";
+    /// No answer within the request timeout (the write may have happened).
+    pub const TIMEOUT: &str = "timeout";
+    /// The connection failed during the write.
+    pub const TRANSPORT_ERROR: &str = "transport_error";
+    /// The device's answer did not match the request.
+    pub const PROTOCOL_ERROR: &str = "protocol_error";
+    /// The value read back is not the value written.
+    pub const READBACK_MISMATCH: &str = "readback_mismatch";
+    /// The device task did not answer within the command's write timeout.
+    pub const WRITE_TIMEOUT: &str = "write_timeout";
+    /// The device task has stopped.
+    pub const DEVICE_STOPPED: &str = "device_stopped";
+}
+
+/// Routes write requests to the owner task of each tag's device.
+#[derive(Debug, Clone, Default)]
+pub struct Writers {
+    by_tag: HashMap<String, mpsc::Sender<WriteRequest>>,
+}
+
+/// Write requests that may wait for one device.
+pub const WRITE_QUEUE: usize = 8;
+
+impl Writers {
+    /// Registers the write channel of a device holding `tags`.
+    pub fn add<'a>(
+        &mut self,
+        tags: impl IntoIterator<Item = &'a str>,
+        tx: &mpsc::Sender<WriteRequest>,
+    ) {
+        for t in tags {
+            self.by_tag.insert(t.to_owned(), tx.clone());
+        }
+    }
+
+    /// Sends the permitted write to its device and waits (at most
+    /// `timeout`) for the confirmed result.
+    pub async fn write(
+        &self,
+        permit: WritePermit,
+        expect: Option<Value>,
+        timeout: Duration,
+    ) -> Result<WriteReport, WriteFailure> {
+        let Some(tx) = self.by_tag.get(permit.tag()) else {
+            return Err(WriteFailure::new(
+                write_code::UNKNOWN_TAG,
+                format!("no device holds tag `{}`", permit.tag()),
+                false,
+            ));
+        };
+        let (reply, answer) = oneshot::channel();
+        let request = WriteRequest {
+            permit,
+            expect,
+            reply,
+        };
+        let stopped = || {
+            WriteFailure::new(
+                write_code::DEVICE_STOPPED,
+                "the device task has stopped",
+                false,
+            )
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        match tokio::time::timeout_at(deadline, tx.send(request)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(stopped()),
+            Err(_) => {
+                return Err(WriteFailure::new(
+                    write_code::WRITE_TIMEOUT,
+                    format!("the device did not take the write within {timeout:?} (busy)"),
+                    false,
+                ))
+            }
+        }
+        match tokio::time::timeout_at(deadline, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(stopped()),
+            Err(_) => Err(WriteFailure::new(
+                write_code::WRITE_TIMEOUT,
+                format!(
+                    "no confirmation within {timeout:?}; the write may still happen: read the tag before repeating the command"
+                ),
+                true,
+            )),
+        }
+    }
 }

@@ -22,6 +22,16 @@
 //!   `offline` status is the last will, and is published on clean shutdown.
 //! - Reconnects use capped, jittered backoff; each failure is explained
 //!   ([`crate::tls::explain`]) in the log and in [`LinkState`].
+//!
+//! Commands (when configured): after every ConnAck the publisher
+//! subscribes to the command topic (QoS 1). Acks are manual: the event
+//! loop task hands each incoming message to the downlink as an
+//! [`Inbound`], which acknowledges it once its decision is durably audited
+//! ([`Inbound::ack`]). The event loop never waits for the downlink: past
+//! [`INBOUND_QUEUE`] messages not yet taken, a message is passed on without
+//! its payload, marked `overflow`, only to be counted and acknowledged.
+//! Results and audit lines come back as [`Outgoing`] events, published in
+//! order (QoS 1) while connected and queued (bounded) while not.
 
 use crate::backoff::Backoff;
 use crate::config::MqttConfig;
@@ -31,7 +41,7 @@ use rumqttc::{
     AsyncClient, Event, LastWill, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
 };
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify};
@@ -51,7 +61,74 @@ pub struct Outgoing {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutgoingKind {
-    Reported { version: u64 },
+    Reported {
+        version: u64,
+    },
+    /// A signed command result.
+    Result,
+    /// A line of the audit log.
+    Audit,
+}
+
+/// Command messages received but not yet taken by the downlink, beyond
+/// which messages are passed on without their payload (`overflow`).
+pub const INBOUND_QUEUE: usize = 256;
+/// Results and audit lines kept while the broker is unreachable; beyond
+/// it the oldest are dropped (the audit log on disk keeps every line).
+const EVENT_QUEUE: usize = 4096;
+
+/// A message received on a subscribed topic.
+pub struct Inbound {
+    pub topic: String,
+    /// Empty when `overflow`.
+    pub payload: Vec<u8>,
+    /// Length of the payload as received.
+    pub len: usize,
+    /// The broker delivered it as a retained message.
+    pub retain: bool,
+    /// The downlink queue was full: the payload was not kept.
+    pub overflow: bool,
+    publish: rumqttc::Publish,
+    client: AsyncClient,
+    queued: Arc<AtomicUsize>,
+}
+
+impl std::fmt::Debug for Inbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbound")
+            .field("topic", &self.topic)
+            .field("len", &self.len)
+            .field("retain", &self.retain)
+            .field("overflow", &self.overflow)
+            .finish()
+    }
+}
+
+impl Inbound {
+    /// Acknowledges the message to the broker (QoS 1 PUBACK); nothing for
+    /// QoS 0. Call it once the message is dealt with (audited).
+    pub async fn ack(&self) {
+        if self.publish.qos != QoS::AtMostOnce {
+            // An error means the link is gone: the session is clean, so the
+            // broker forgets the message anyway.
+            let _ = self.client.ack(&self.publish).await;
+        }
+    }
+}
+
+impl Drop for Inbound {
+    fn drop(&mut self) {
+        if !self.overflow {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The command side of the link: the topic to subscribe to and where
+/// received messages go.
+pub struct Subscription {
+    pub topic: String,
+    pub inbound: mpsc::UnboundedSender<Inbound>,
 }
 
 /// The connection as others may observe it.
@@ -74,6 +151,10 @@ pub struct LinkStats {
     pub connects: AtomicU64,
     pub connect_failures: AtomicU64,
     pub batches_sent: AtomicU64,
+    /// Messages received on the command topic.
+    pub received: AtomicU64,
+    /// Results and audit lines dropped while the broker was unreachable.
+    pub events_dropped: AtomicU64,
 }
 
 /// Everything the link needs.
@@ -93,6 +174,8 @@ pub struct LinkParams {
     /// Cancelled when nothing more will be written to the outbox: drain it
     /// (bounded by the deadline), say offline, disconnect.
     pub finish: CancellationToken,
+    /// The command topic and its consumer, when commands are configured.
+    pub subscription: Option<Subscription>,
 }
 
 /// Most outbox items published and not yet acknowledged.
@@ -133,8 +216,9 @@ struct Tracker {
 /// Runs the link until `p.finish` is cancelled and the outbox is drained
 /// (or the drain deadline passes), or until `abort` is cancelled.
 pub async fn run(
-    p: LinkParams,
+    mut p: LinkParams,
     mut live: mpsc::Receiver<Outgoing>,
+    mut events: mpsc::Receiver<Outgoing>,
     state_tx: watch::Sender<LinkState>,
     stats: Arc<LinkStats>,
     abort: CancellationToken,
@@ -147,11 +231,18 @@ pub async fn run(
     )));
     opts.set_keep_alive(p.mqtt.keep_alive);
     opts.set_clean_session(true);
+    // Commands are acknowledged by the downlink, after their audit record.
+    opts.set_manual_acks(true);
     opts.set_inflight(u16::try_from(WINDOW * 2).unwrap_or(u16::MAX));
     // Our own limit plus the PUBLISH header, so rumqttc never refuses what
     // the batcher made.
+    // Incoming: the largest command the downlink accepts is checked there,
+    // with a reason code; a packet above this limit makes rumqttc drop the
+    // connection, so it is set well above (the broker's
+    // `message_size_limit` should refuse such messages first).
     let packet_limit = p.mqtt.max_message_bytes + 1024;
-    opts.set_max_packet_size(packet_limit, packet_limit);
+    let incoming_limit = packet_limit.max(4 * 1024 * 1024);
+    opts.set_max_packet_size(incoming_limit, packet_limit);
     opts.set_last_will(LastWill::new(
         topics.status(),
         status_message(&p, State::Offline),
@@ -166,7 +257,11 @@ pub async fn run(
 
     let tracker = Arc::new(std::sync::Mutex::new(Tracker::default()));
     let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<Ctl>();
+    let subscription = p.subscription.take();
+    let subscribe_topic = subscription.as_ref().map(|s| s.topic.clone());
     let event_task = {
+        let inbound = subscription.map(|s| (s.inbound, Arc::new(AtomicUsize::new(0))));
+        let client = client.clone();
         let stats = stats.clone();
         let abort = abort.clone();
         let tracker = tracker.clone();
@@ -214,6 +309,41 @@ pub async fn run(
                             .remove(&ack.pkid);
                         if let Some(item) = item {
                             let _ = ctl_tx.send(Ctl::Acked(item));
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(publish))) => {
+                        stats.received.fetch_add(1, Ordering::Relaxed);
+                        match &inbound {
+                            Some((tx, queued)) => {
+                                let overflow = queued.load(Ordering::Relaxed) >= INBOUND_QUEUE;
+                                if !overflow {
+                                    queued.fetch_add(1, Ordering::Relaxed);
+                                }
+                                let len = publish.payload.len();
+                                let payload = if overflow {
+                                    Vec::new()
+                                } else {
+                                    publish.payload.to_vec()
+                                };
+                                let mut header = publish;
+                                header.payload = Default::default();
+                                let msg = Inbound {
+                                    topic: header.topic.clone(),
+                                    payload,
+                                    len,
+                                    retain: header.retain,
+                                    overflow,
+                                    publish: header,
+                                    client: client.clone(),
+                                    queued: queued.clone(),
+                                };
+                                // Unbounded, so the event loop never waits;
+                                // see the module doc for the bound.
+                                let _ = tx.send(msg);
+                            }
+                            None => {
+                                tracing::warn!(topic = %publish.topic, "message on a topic the gateway did not subscribe to; ignored")
+                            }
                         }
                     }
                     Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
@@ -266,6 +396,8 @@ pub async fn run(
     let mut unacked: HashSet<Item> = HashSet::new();
     let mut cursor = 0u64;
     let mut latest_live: Option<Outgoing> = None;
+    let mut queued_events: VecDeque<Outgoing> = VecDeque::new();
+    let mut events_open = true;
     let mut acks: Vec<Item> = Vec::new();
     let mut pending_ctl: Vec<Ctl> = Vec::new();
     let mut drain_until: Option<tokio::time::Instant> = None;
@@ -280,6 +412,16 @@ pub async fn run(
             m = live.recv(), if drain_until.is_none() => match m {
                 Some(m) => latest_live = Some(m),
                 None => drain_until = Some(tokio::time::Instant::now() + drain_deadline),
+            },
+            e = events.recv(), if events_open => match e {
+                Some(e) => {
+                    if queued_events.len() >= EVENT_QUEUE {
+                        queued_events.pop_front();
+                        stats.events_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    queued_events.push_back(e);
+                }
+                None => events_open = false,
             },
             _ = p.wake.notified() => {}
             _ = tick.tick() => {}
@@ -314,6 +456,15 @@ pub async fn run(
             }
         }
         if announce_online {
+            if let Some(topic) = &subscribe_topic {
+                if client
+                    .subscribe(topic.clone(), QoS::AtLeastOnce)
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
             let online = status_message(&p, State::Online);
             if !publish(topics.status(), online, true, None).await {
                 break;
@@ -331,6 +482,16 @@ pub async fn run(
                     break;
                 }
             }
+            let mut gone = false;
+            while let Some(e) = queued_events.pop_front() {
+                if !publish(e.topic, e.payload, e.retain, None).await {
+                    gone = true;
+                    break;
+                }
+            }
+            if gone {
+                break;
+            }
             let sent = match &outbox {
                 Some(o) => send_from_outbox(o, &topics, &mut unacked, &mut cursor, &publish).await,
                 None => true,
@@ -341,6 +502,7 @@ pub async fn run(
         }
         if let Some(until) = drain_until {
             let drained = unacked.is_empty()
+                && queued_events.is_empty()
                 && outbox.as_ref().is_none_or(|o| {
                     o.is_empty() && o.gaps(1).map(|g| g.is_empty()).unwrap_or(true)
                 });

@@ -352,6 +352,12 @@ impl Engine {
         }
     }
 
+    /// Takes the policy state of `next` (a reload), keeping the rate-limit
+    /// history, so a reload never resets a rate limit.
+    pub fn replace(&mut self, next: Engine) {
+        self.state = next.state;
+    }
+
     /// The policy in force, if one is loaded.
     pub fn policy(&self) -> Option<&Policy> {
         match &self.state {

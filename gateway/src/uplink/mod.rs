@@ -47,6 +47,9 @@ pub struct Uplink {
     pub flush_interval: Duration,
     pub reported_interval: Duration,
     pub stats: Arc<UplinkStats>,
+    /// Current values for the command policy (only when commands are
+    /// configured).
+    pub current: Option<Arc<crate::downlink::current::CurrentTable>>,
 }
 
 /// The uplink task. Ends when every device sender is dropped (devices
@@ -66,6 +69,7 @@ pub async fn run(
         flush_interval,
         reported_interval,
         stats,
+        current,
     } = uplink;
     let mut twin_tick = tokio::time::interval(reported_interval);
     twin_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -76,6 +80,14 @@ pub async fn run(
             ev = input.recv() => match ev {
                 Some(ev) => {
                     let cycle_done = ev.cycle_done;
+                    if let Some(current) = &current {
+                        current.update(&ev.samples);
+                    }
+                    if let Some(id) = &ev.command_id {
+                        for s in &ev.samples {
+                            reported.apply_command(s, id);
+                        }
+                    }
                     for full in batcher.push(ev.samples) {
                         emit(&mut signer, &mut reported, &store, full, &stats).await;
                     }
@@ -155,6 +167,7 @@ mod tests {
             flush_interval: flush,
             reported_interval: Duration::from_secs(3600),
             stats: Arc::new(UplinkStats::default()),
+            current: None,
         }
     }
 
@@ -165,6 +178,7 @@ mod tests {
                 .map(|i| Sample::good(format!("t{i}"), Value::Int(i as i64), 1))
                 .collect(),
             cycle_done,
+            command_id: None,
         }
     }
 

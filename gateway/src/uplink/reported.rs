@@ -45,6 +45,13 @@ impl Reporter {
         self.twin.apply(s, unit);
     }
 
+    /// Applies the read-back of a confirmed command write: the tag names
+    /// the command from now on.
+    pub fn apply_command(&mut self, s: &Sample, command_id: &str) {
+        let unit = self.units.get(&s.tag).map(String::as_str);
+        self.twin.apply_command(s, unit, Some(command_id));
+    }
+
     pub fn version(&self) -> u64 {
         self.twin.version
     }

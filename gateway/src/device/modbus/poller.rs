@@ -12,10 +12,13 @@
 //!   old request can then never be taken as the reply to a new one.
 //! - a Modbus exception is a valid reply: the connection is kept.
 //!
-//! The run loop is a `select!` over shutdown, the connect attempt and the
-//! poll tick. Writes will be one more branch: an `mpsc` of
-//! `(write op, oneshot reply)` served between cycles on the same context,
-//! so writes and polls never have two requests in flight.
+//! The run loop is a `select!` over shutdown, the connect attempt, the
+//! poll tick and write requests. A write request (carrying a policy
+//! permit) is served between cycles on the same context, so writes and
+//! polls never have two requests in flight: optionally a read of the tag to
+//! check the operator's expected value, then one write (FC 5 for a coil,
+//! FC 6 for one register, FC 16 for a multi-register value, never split),
+//! then a read-back compared register by register with what was written.
 
 use std::future::Future;
 use std::io;
@@ -28,15 +31,18 @@ use tokio_modbus::client::{Client as _, Context};
 use tokio_modbus::{ExceptionCode, Request, Response, Slave};
 use tracing::{debug, info, warn};
 use twin_model::sample::reason;
-use twin_model::Sample;
+use twin_model::{Sample, Value};
 
-use super::codec::{self, Raw};
+use super::codec::{self, Encoded, Raw};
 use super::exception_reason;
 use super::plan::{self, Limits, Plan, ReadRequest};
 use crate::backoff::Backoff;
 use crate::clock::now_ms;
 use crate::config::{Area, ModbusDeviceConfig, ModbusTag};
-use crate::device::{DeviceContext, DeviceEvent};
+use crate::device::{
+    write_code, DeviceContext, DeviceEvent, WriteFailure, WriteReport, WriteRequest,
+};
+use crate::policy::WritePermit;
 
 /// A Modbus TCP device driver: the typed config plus its read plan.
 ///
@@ -151,7 +157,12 @@ struct Owner {
 
 impl Owner {
     async fn run(&mut self, ctx: DeviceContext) {
-        let shutdown = ctx.shutdown.clone();
+        let DeviceContext {
+            shutdown,
+            out,
+            mut writes,
+        } = ctx;
+        let mut writes_open = true;
         info!(device = %self.cfg.name, address = %self.cfg.address, "modbus driver starting");
 
         // The first attempt completes before the first poll, so a reachable
@@ -210,22 +221,237 @@ impl Owner {
                         device: self.cfg.name.clone(),
                         samples,
                         cycle_done: true,
+                        command_id: None,
                     };
                     tokio::select! {
                         biased;
                         () = shutdown.cancelled() => break,
-                        sent = ctx.out.send(event) => if sent.is_err() {
+                        sent = out.send(event) => if sent.is_err() {
                             info!(device = %self.cfg.name, "sample receiver gone; modbus driver stopping");
                             break;
                         },
                     }
                 }
-                // Writes go here: `Some((op, reply)) = writes.recv(), if !down => ...`
+                request = writes.recv(), if writes_open => {
+                    let Some(WriteRequest { permit, expect, reply }) = request else {
+                        writes_open = false;
+                        continue;
+                    };
+                    let command_id = permit.command_id().to_owned();
+                    let result = tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => break,
+                        r = self.write(permit, expect) => r,
+                    };
+                    if let Ok((_, sample)) = &result {
+                        let event = DeviceEvent {
+                            device: self.cfg.name.clone(),
+                            samples: vec![sample.clone()],
+                            cycle_done: false,
+                            command_id: Some(command_id),
+                        };
+                        // The read-back joins the uplink like any sample;
+                        // a full queue must not hold the answer back.
+                        if out.try_send(event).is_err() {
+                            debug!(device = %self.cfg.name, "read-back sample not queued (uplink busy); the next poll carries it");
+                        }
+                    }
+                    let _ = reply.send(result.map(|(report, _)| report));
+                }
             }
         }
         // Dropping the context closes the socket.
         self.link = None;
         info!(device = %self.cfg.name, "modbus driver stopped");
+    }
+
+    /// Serves one permitted write: check `expect`, write, read back.
+    async fn write(
+        &mut self,
+        permit: WritePermit,
+        expect: Option<Value>,
+    ) -> Result<(WriteReport, Sample), WriteFailure> {
+        let Some(tag) = self
+            .cfg
+            .tags
+            .iter()
+            .find(|t| t.name == permit.tag())
+            .cloned()
+        else {
+            return Err(WriteFailure::new(
+                write_code::UNKNOWN_TAG,
+                format!("device `{}` has no tag `{}`", self.cfg.name, permit.tag()),
+                false,
+            ));
+        };
+        if !tag.writable {
+            return Err(WriteFailure::new(
+                write_code::READ_ONLY_TAG,
+                format!(
+                    "tag `{}` is not writable in the device configuration",
+                    tag.name
+                ),
+                false,
+            ));
+        }
+        let encoded = codec::encode(&tag, permit.value())
+            .map_err(|e| WriteFailure::new(write_code::ENCODE_ERROR, e.to_string(), false))?;
+        let Some(link) = self.link.as_mut() else {
+            return Err(WriteFailure::new(
+                write_code::DEVICE_UNAVAILABLE,
+                format!("device `{}` is not connected", self.cfg.name),
+                false,
+            ));
+        };
+        let limit = self.cfg.request_timeout;
+        let read_req = ReadRequest {
+            area: tag.area,
+            start: tag.address,
+            count: tag.data_type.width(),
+            slots: Vec::new(),
+        };
+        if let Some(expect) = expect {
+            let now = match read_tag(link, &read_req, &tag, limit).await {
+                Ok((value, _)) => value,
+                Err(f) => return Err(self.write_failed(f, false)),
+            };
+            if now != expect {
+                return Err(WriteFailure {
+                    readback: Some(now.clone()),
+                    ..WriteFailure::new(
+                        write_code::EXPECT_MISMATCH,
+                        format!(
+                            "tag `{}` holds {now}, not the expected {expect}; nothing was written",
+                            tag.name
+                        ),
+                        false,
+                    )
+                });
+            }
+        }
+        let request = match (&encoded, tag.area) {
+            (Encoded::Bits(bits), Area::Coil) if bits.len() == 1 => {
+                Request::WriteSingleCoil(tag.address, bits.first().copied().unwrap_or(false))
+            }
+            (Encoded::Bits(bits), Area::Coil) => {
+                Request::WriteMultipleCoils(tag.address, bits.clone().into())
+            }
+            (Encoded::Registers(regs), Area::HoldingRegister) if regs.len() == 1 => {
+                Request::WriteSingleRegister(tag.address, regs.first().copied().unwrap_or(0))
+            }
+            (Encoded::Registers(regs), Area::HoldingRegister) => {
+                Request::WriteMultipleRegisters(tag.address, regs.clone().into())
+            }
+            _ => {
+                return Err(WriteFailure::new(
+                    write_code::READ_ONLY_TAG,
+                    format!(
+                        "tag `{}` lives in {:?}, which cannot be written",
+                        tag.name, tag.area
+                    ),
+                    false,
+                ))
+            }
+        };
+        let function = request.function_code().value();
+        match timeout(limit, link.call(request)).await {
+            Err(_) => return Err(self.write_failed(LinkError::Timeout(limit).into(), true)),
+            Ok(Err(tokio_modbus::Error::Transport(e))) => {
+                return Err(self.write_failed(LinkError::Transport(e).into(), true))
+            }
+            Ok(Err(tokio_modbus::Error::Protocol(e))) => {
+                return Err(self.write_failed(LinkError::Protocol(e.to_string()).into(), true))
+            }
+            Ok(Ok(Err(code))) => {
+                warn!(device = %self.cfg.name, tag = %tag.name, exception = %exception_reason(code), "modbus write answered with an exception");
+                return Err(WriteFailure::new(
+                    write_code::DEVICE_EXCEPTION,
+                    format!(
+                        "the device refused the write (FC {function}): {}",
+                        exception_reason(code)
+                    ),
+                    false,
+                ));
+            }
+            Ok(Ok(Ok(response))) if response.function_code().value() != function => {
+                let e = LinkError::Protocol(format!(
+                    "reply with function code {} to a write with {function}",
+                    response.function_code().value()
+                ));
+                return Err(self.write_failed(e.into(), true));
+            }
+            Ok(Ok(Ok(_))) => {}
+        }
+        let link = match self.link.as_mut() {
+            Some(link) => link,
+            None => {
+                return Err(WriteFailure::new(
+                    write_code::DEVICE_UNAVAILABLE,
+                    "the connection was lost after the write",
+                    true,
+                ))
+            }
+        };
+        let (readback, raw) = match read_tag(link, &read_req, &tag, limit).await {
+            Ok(r) => r,
+            Err(f) => return Err(self.write_failed(f, true)),
+        };
+        let ts_ms = now_ms();
+        let same = match (&encoded, &raw) {
+            (Encoded::Registers(w), Reply::Registers(r)) => w == r,
+            (Encoded::Bits(w), Reply::Bits(r)) => w == r,
+            _ => false,
+        };
+        if !same {
+            return Err(WriteFailure {
+                readback: Some(readback.clone()),
+                ..WriteFailure::new(
+                    write_code::READBACK_MISMATCH,
+                    format!(
+                        "tag `{}` reads back {readback} after writing {}",
+                        tag.name,
+                        permit.value()
+                    ),
+                    true,
+                )
+            });
+        }
+        info!(device = %self.cfg.name, tag = %tag.name, value = %readback, command = permit.command_id(), rule = permit.rule(), "command written and confirmed");
+        Ok((
+            WriteReport {
+                readback: readback.clone(),
+                frames: 1,
+            },
+            Sample::good(&tag.name, readback, ts_ms),
+        ))
+    }
+
+    /// Turns a failure during a write into its report; a failure that
+    /// ends the connection drops it, as during a poll.
+    fn write_failed(&mut self, f: TagReadError, written: bool) -> WriteFailure {
+        match f {
+            TagReadError::Link(e) => {
+                let code = match &e {
+                    LinkError::Timeout(_) => write_code::TIMEOUT,
+                    LinkError::Transport(_) => write_code::TRANSPORT_ERROR,
+                    LinkError::Protocol(_) => write_code::PROTOCOL_ERROR,
+                };
+                let reason = e.to_string();
+                self.lost(&e);
+                WriteFailure::new(code, reason, written)
+            }
+            TagReadError::Exception(code) => WriteFailure::new(
+                write_code::DEVICE_EXCEPTION,
+                format!(
+                    "reading the tag was answered with {}",
+                    exception_reason(code)
+                ),
+                written,
+            ),
+            TagReadError::Decode(why) => {
+                WriteFailure::new(write_code::READBACK_MISMATCH, why, written)
+            }
+        }
     }
 
     /// Takes the result of a connect attempt.
@@ -367,6 +593,43 @@ impl Cycle {
             .collect();
         (samples, failure)
     }
+}
+
+/// Why reading one tag (for a write) failed.
+enum TagReadError {
+    Link(LinkError),
+    Exception(ExceptionCode),
+    Decode(String),
+}
+
+impl From<LinkError> for TagReadError {
+    fn from(e: LinkError) -> Self {
+        TagReadError::Link(e)
+    }
+}
+
+/// Reads one tag under `limit`: its value and the raw reply.
+async fn read_tag(
+    link: &mut Context,
+    req: &ReadRequest,
+    tag: &ModbusTag,
+    limit: Duration,
+) -> Result<(Value, Reply), TagReadError> {
+    let reply = match timeout(limit, read(link, req)).await {
+        Err(_) => return Err(LinkError::Timeout(limit).into()),
+        Ok(Err(e)) => return Err(e.into()),
+        Ok(Ok(Reply::Exception(code))) => return Err(TagReadError::Exception(code)),
+        Ok(Ok(reply)) => reply,
+    };
+    let raw = match &reply {
+        Reply::Registers(words) => Raw::Registers(words),
+        Reply::Bits(bits) => Raw::Bits(bits),
+        Reply::Exception(_) => return Err(TagReadError::Decode("no value".into())),
+    };
+    let value = codec::decode_value(tag, raw).map_err(|e| {
+        TagReadError::Decode(format!("tag `{}` reads back no value: {e}", tag.name))
+    })?;
+    Ok((value, reply))
 }
 
 /// Resolves `address` and opens the connection, all within `limit`.

@@ -333,6 +333,8 @@ fn spawn(cfg: ModbusDeviceConfig) -> Running {
     let ctx = DeviceContext {
         shutdown: shutdown.clone(),
         out: tx,
+        // No writes in these tests: the closed queue is never served.
+        writes: mpsc::channel(1).1,
     };
     let task = tokio::spawn(ModbusDriver::new(cfg).run(ctx));
     Running { rx, shutdown, task }

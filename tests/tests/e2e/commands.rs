@@ -1,0 +1,961 @@
+//! Commands from the twin, end to end: operator-signed tokens published on
+//! the real Mosquitto, the gateway deciding under a policy, the simulated
+//! PLC counting every write frame it receives.
+
+use super::*;
+use gateway::command_auth::mint::{sign_compact, sign_with_header};
+use gateway::command_auth::{mint_approval, mint_command, Algorithm, OperatorKey};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use twin_model::audit::{parse_line, Event as AuditEvent};
+use twin_model::command::{ApprovalClaims, Approves, CommandBody, CommandClaims, Envelope};
+use twin_model::jws::{b64url, sha256};
+use twin_model::result::{CommandResult, Status, RESULT_TYP};
+use twin_testkit::sim::tank;
+
+const ISSUER: &str = "plant-ops";
+
+static JTI: AtomicU64 = AtomicU64::new(1);
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+}
+
+/// Command claims for `sub` writing `value` to `tag`, valid for two minutes.
+fn claims(sub: &str, tag: &str, value: Value) -> CommandClaims {
+    let now = now_s();
+    CommandClaims {
+        iss: ISSUER.into(),
+        sub: sub.into(),
+        aud: GW.into(),
+        iat: now,
+        nbf: now,
+        exp: now + 120,
+        jti: format!("cmd-{}-{}", now, JTI.fetch_add(1, Ordering::Relaxed)),
+        roles: Vec::new(),
+        amr: vec!["pwd".into()],
+        cmd: CommandBody {
+            tag: tag.into(),
+            value,
+            expect: None,
+        },
+    }
+}
+
+/// Alice (with a second factor) asks for manual mode.
+fn manual_mode(sub: &str) -> CommandClaims {
+    let mut c = claims(sub, "tank1.mode", Value::Int(1));
+    c.amr = vec!["pwd".into(), "otp".into()];
+    c
+}
+
+fn approval(key: &OperatorKey, sub: &str, command_token: &str, jti: &str) -> String {
+    let now = now_s();
+    mint_approval(
+        key,
+        &ApprovalClaims {
+            iss: ISSUER.into(),
+            sub: sub.into(),
+            aud: GW.into(),
+            iat: now,
+            nbf: now,
+            exp: now + 120,
+            jti: format!("apr-{}-{}", now, JTI.fetch_add(1, Ordering::Relaxed)),
+            roles: Vec::new(),
+            amr: vec!["pwd".into(), "otp".into()],
+            approves: Approves {
+                jti: jti.into(),
+                sha256: twin_model::command::command_binding(command_token)
+                    .expect("a token has a dot"),
+            },
+        },
+    )
+}
+
+/// A UTC window of one hour that does not contain now (for `outside_window`).
+fn closed_window() -> String {
+    let hour = (now_s() / 3600) % 24;
+    let from = (hour + 2) % 24;
+    let to = (hour + 3) % 24;
+    if to == 0 {
+        format!("{{ days = \"mon-sun\", from = \"{from:02}:00\", to = \"23:59\", tz = \"UTC\" }}")
+    } else {
+        format!(
+            "{{ days = \"mon-sun\", from = \"{from:02}:00\", to = \"{to:02}:00\", tz = \"UTC\" }}"
+        )
+    }
+}
+
+/// The policy of these tests (the example policy has staffed-hours
+/// windows, which would make the tests depend on the time of day).
+fn test_policy() -> String {
+    format!(
+        r#"
+[policy]
+mode = "enforce"
+
+[[roles]]
+name = "operator"
+subjects = ["alice", "bob", "carol"]
+
+[[rules]]
+id = "setpoint"
+roles = ["operator"]
+tags = ["tank1.level_setpoint"]
+min = 0.5
+max = 4.5
+max_step = 0.5
+rate_per_tag = "2/min"
+interlocks = [{{ tag = "tank1.mode", equals = 1 }}]
+
+[[rules]]
+id = "mode"
+roles = ["operator"]
+tags = ["tank1.mode"]
+allowed = [0, 1]
+require_mfa = true
+approvals = 1
+
+[[rules]]
+id = "pump-stop"
+roles = ["operator"]
+tags = ["tank1.pump"]
+allowed = [false]
+
+[[rules]]
+id = "pump-start-night"
+roles = ["operator"]
+tags = ["tank1.pump"]
+allowed = [true]
+windows = [{window}]
+"#,
+        window = closed_window()
+    )
+}
+
+/// The gateway's side of the test: config with `[commands]`, the policy
+/// and the operator keys in the test PKI's folder.
+struct Setup {
+    pki: TestPki,
+    broker: Mosquitto,
+    plc: PlcSim,
+    /// Trusted (Ed25519, the identity provider's key).
+    idp: OperatorKey,
+    /// Trusted (P-256).
+    idp_es: OperatorKey,
+    /// Not in the trust store.
+    stranger: OperatorKey,
+    cfg: Config,
+}
+
+impl Setup {
+    async fn new(extra_config: &str) -> anyhow::Result<Setup> {
+        let pki = TestPki::new(GW)?;
+        let broker = Mosquitto::start(&pki, BrokerOptions::default()).await?;
+        let plc = PlcSim::start("127.0.0.1:0".parse()?).await?;
+        let idp = OperatorKey::generate(Algorithm::EdDSA)?;
+        let idp_es = OperatorKey::generate(Algorithm::ES256)?;
+        let stranger = OperatorKey::generate(Algorithm::EdDSA)?;
+        let root = pki.root().to_path_buf();
+        std::fs::create_dir_all(root.join("operators"))?;
+        std::fs::write(root.join("operators/idp.pem"), idp.public_key_pem())?;
+        std::fs::write(root.join("operators/idp-es.pem"), idp_es.public_key_pem())?;
+        std::fs::create_dir_all(root.join("policies"))?;
+        std::fs::write(root.join("policies/test.toml"), test_policy())?;
+        let text = format!(
+            "{}\n[commands]\npolicy_dir = \"policies\"\noperator_keys_dir = \"operators\"\nissuer = \"{ISSUER}\"\npolicy_reload_ms = 200\n{extra_config}",
+            twin_testkit::render_example_config(broker.port(), plc.addr())?
+        );
+        let cfg = write_config(&root, &text, 50)?;
+        Ok(Setup {
+            pki,
+            broker,
+            plc,
+            idp,
+            idp_es,
+            stranger,
+            cfg,
+        })
+    }
+
+    async fn start_gateway(&self) -> anyhow::Result<gateway::run::GatewayHandle> {
+        let gw = gateway::run::start(self.cfg.clone()).await?;
+        Ok(gw)
+    }
+
+    fn policy_dir(&self) -> std::path::PathBuf {
+        self.pki.root().join("policies")
+    }
+}
+
+/// The operator's side: publishes command messages and reads verified
+/// results (and everything else of the gateway's topics).
+struct Operator {
+    client: AsyncClient,
+    task: tokio::task::JoinHandle<()>,
+    sub: Subscriber,
+    trust: TrustStore,
+    results: BTreeMap<String, CommandResult>,
+    audit_lines: Vec<String>,
+    online: u64,
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Operator {
+    async fn start(s: &Setup) -> anyhow::Result<Operator> {
+        let sub = Subscriber::start(
+            &s.broker,
+            &s.pki,
+            "operator-watch",
+            Identity::Operator,
+            &format!("twin/{GW}/#"),
+        )
+        .await?;
+        let opts = s
+            .broker
+            .client_options(&s.pki, "operator-send", Identity::Operator)?;
+        let (client, mut events) = AsyncClient::new(opts, 1024);
+        let task = tokio::spawn(async move {
+            loop {
+                if events.poll().await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        });
+        let mut trust = TrustStore::new();
+        trust.add_pem(&std::fs::read_to_string(&s.pki.gateway_signing_pub)?)?;
+        Ok(Operator {
+            client,
+            task,
+            sub,
+            trust,
+            results: BTreeMap::new(),
+            audit_lines: Vec::new(),
+            online: 0,
+        })
+    }
+
+    /// Takes every message that has arrived, or waits up to `wait` for one.
+    async fn pump(&mut self, wait: Duration) -> anyhow::Result<bool> {
+        let msg = match tokio::time::timeout(wait, self.sub.rx.recv()).await {
+            Ok(Some(m)) => m,
+            Ok(None) => bail!("the subscriber stopped"),
+            Err(_) => return Ok(false),
+        };
+        let (topic, payload) = msg;
+        if topic.ends_with("/result") {
+            let v = self
+                .trust
+                .verify_compact(&payload, RESULT_TYP, 1 << 20)
+                .map_err(|e| anyhow::anyhow!("a result does not verify: {e}"))?;
+            let r: CommandResult = serde_json::from_slice(&v.payload)?;
+            self.results.insert(r.message_sha256.clone(), r);
+        } else if topic.ends_with("/audit") {
+            self.audit_lines.push(String::from_utf8(payload)?);
+        } else if topic.ends_with("/status") && payload.len() > 10 {
+            // Signed status; `online` after each (re)connect.
+            if let Ok(v) =
+                self.trust
+                    .verify_compact(&payload, twin_model::status::STATUS_TYP, 1 << 20)
+            {
+                if String::from_utf8_lossy(&v.payload).contains("\"online\"") {
+                    self.online += 1;
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Waits until the gateway has announced itself online `n` times (its
+    /// command subscription is made before the announcement).
+    async fn wait_online(&mut self, n: u64) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.online < n {
+            if Instant::now() > deadline {
+                bail!("the gateway did not come online ({} of {n})", self.online);
+            }
+            self.pump(Duration::from_millis(100)).await?;
+        }
+        Ok(())
+    }
+
+    async fn publish(&mut self, payload: Vec<u8>, retain: bool) -> anyhow::Result<String> {
+        let digest = b64url(&sha256(&payload));
+        // The same bytes sent again (a replay) get a result of their own.
+        self.results.remove(&digest);
+        self.client
+            .publish(
+                format!("twin/{GW}/command"),
+                QoS::AtLeastOnce,
+                retain,
+                payload,
+            )
+            .await?;
+        Ok(digest)
+    }
+
+    /// The verified result of the message with digest `digest`.
+    async fn result_of(&mut self, digest: &str) -> anyhow::Result<CommandResult> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(r) = self.results.get(digest) {
+                return Ok(r.clone());
+            }
+            if Instant::now() > deadline {
+                bail!("no result for message {digest} within 10 s");
+            }
+            self.pump(Duration::from_millis(100)).await?;
+        }
+    }
+
+    /// Publishes `payload` and returns its verified result.
+    async fn send(&mut self, payload: Vec<u8>) -> anyhow::Result<CommandResult> {
+        let digest = self.publish(payload, false).await?;
+        self.result_of(&digest).await
+    }
+}
+
+/// A compact JWS with the given header and payload, signed by `key` (for
+/// headers a correct operator tool would never write).
+fn with_header(key: &OperatorKey, header: serde_json::Value, claims: &CommandClaims) -> String {
+    sign_with_header(
+        key,
+        &serde_json::to_vec(&header).unwrap(),
+        &serde_json::to_vec(claims).unwrap(),
+    )
+}
+
+fn expect_refused(r: &CommandResult, code: &str, what: &str) {
+    assert_eq!(
+        (r.status, r.code.as_deref()),
+        (Status::Refused, Some(code)),
+        "{what}: {r:?}"
+    );
+}
+
+fn expect_denied(r: &CommandResult, code: &str, what: &str) {
+    assert_eq!(
+        (r.status, r.code.as_deref()),
+        (Status::Denied, Some(code)),
+        "{what}: {r:?}"
+    );
+    assert!(r.audit_n.is_some(), "{what}: the decision is audited");
+}
+
+/// The reason codes found in the audit file, with how often each occurs.
+fn audit_codes(path: &Path) -> anyhow::Result<BTreeMap<String, usize>> {
+    let mut codes = BTreeMap::new();
+    for line in std::fs::read_to_string(path)?.lines() {
+        let rec = parse_line(line.as_bytes()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let code = match rec.event {
+            AuditEvent::AuthFailure(a) => Some(a.code),
+            AuditEvent::CommandDecision(d) => Some(d.reason_code.unwrap_or("permit".into())),
+            AuditEvent::CommandOutcome(o) => Some(format!("outcome:{}", o.status)),
+            AuditEvent::PolicyLoaded(_) => Some("policy_loaded".into()),
+            AuditEvent::PolicyRejected(_) => Some("policy_rejected".into()),
+            _ => None,
+        };
+        if let Some(c) = code {
+            *codes.entry(c).or_default() += 1;
+        }
+    }
+    Ok(codes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_forged_malformed_or_unpermitted_command_is_refused_with_its_code_audited_and_writes_nothing(
+) -> anyhow::Result<()> {
+    init();
+    let mut s = Setup::new("").await?;
+    let mut op = Operator::start(&s).await?;
+    let gw = s.start_gateway().await?;
+    op.wait_online(1).await?;
+    let key = &s.idp;
+
+    // Wait until the gateway has read the tank once (step limits and
+    // interlocks need current values).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // -- the token ----------------------------------------------------------
+    let base = claims("alice", "tank1.inlet_valve", Value::Bool(false));
+    let header = |alg: &str, kid: &str| serde_json::json!({"alg": alg, "typ": "twin-command+jwt", "kid": kid});
+    let unsigned = {
+        let h = b64url(&serde_json::to_vec(&header("none", key.kid()))?);
+        let p = b64url(&serde_json::to_vec(&base)?);
+        format!("{h}.{p}.")
+    };
+    let r = op.send(unsigned.into_bytes()).await?;
+    expect_refused(&r, "alg_none", "alg none");
+
+    let hs256 = {
+        let h = b64url(&serde_json::to_vec(&header("HS256", key.kid()))?);
+        let p = b64url(&serde_json::to_vec(&base)?);
+        let input = format!("{h}.{p}");
+        let mac = aws_lc_rs::hmac::sign(
+            &aws_lc_rs::hmac::Key::new(
+                aws_lc_rs::hmac::HMAC_SHA256,
+                key.public_key_pem().as_bytes(),
+            ),
+            input.as_bytes(),
+        );
+        format!("{input}.{}", b64url(mac.as_ref()))
+    };
+    expect_refused(
+        &op.send(hs256.into_bytes()).await?,
+        "alg_hmac",
+        "HS256 with the public key as secret",
+    );
+
+    let t = mint_command(
+        &s.stranger,
+        &claims("alice", "tank1.inlet_valve", Value::Bool(false)),
+    );
+    expect_refused(
+        &op.send(t.into_bytes()).await?,
+        "unknown_kid",
+        "unknown kid",
+    );
+
+    let jku = with_header(
+        &s.stranger,
+        serde_json::json!({"alg": "EdDSA", "typ": "twin-command+jwt", "kid": s.stranger.kid(),
+            "jku": "https://attacker.example/keys.json",
+            "jwk": {"kty": "OKP", "crv": "Ed25519", "x": b64url(&s.stranger.public_key())}}),
+        &claims("alice", "tank1.inlet_valve", Value::Bool(false)),
+    );
+    expect_refused(
+        &op.send(jku.into_bytes()).await?,
+        "unknown_kid",
+        "jku and jwk pointing elsewhere are ignored",
+    );
+
+    let good = mint_command(
+        key,
+        &claims("alice", "tank1.inlet_valve", Value::Bool(false)),
+    );
+    let mut forged = good.clone().into_bytes();
+    let at = forged.len() - 5;
+    forged[at] = if forged[at] == b'A' { b'B' } else { b'A' };
+    expect_refused(&op.send(forged).await?, "bad_signature", "bad signature");
+
+    // Claims a correct token may not carry, each with its refusal.
+    type Edit = fn(&mut CommandClaims);
+    let edits: [(Edit, &str); 7] = [
+        (
+            |c| {
+                c.iat -= 600;
+                c.nbf -= 600;
+                c.exp = c.iat + 120;
+            },
+            "expired",
+        ),
+        (
+            |c| {
+                c.nbf += 600;
+                c.exp = c.iat + 290;
+            },
+            "not_yet_valid",
+        ),
+        (
+            |c| {
+                c.iat += 3600;
+                c.exp = c.iat + 60;
+            },
+            "issued_in_future",
+        ),
+        (|c| c.exp = c.iat + 3600, "lifetime_too_long"),
+        (|c| c.aud = "plant2-gw1".into(), "wrong_audience"),
+        (|c| c.iss = "someone-else".into(), "wrong_issuer"),
+        (|c| c.sub = String::new(), "bad_claims"),
+    ];
+    for (edit, code) in edits {
+        let mut c = claims("alice", "tank1.inlet_valve", Value::Bool(false));
+        edit(&mut c);
+        let r = op.send(mint_command(key, &c).into_bytes()).await?;
+        expect_refused(&r, code, code);
+    }
+    // -- the message ----------------------------------------------------------
+    let big = vec![b'a'; 70 * 1024];
+    expect_refused(&op.send(big).await?, "too_large", "oversized");
+    expect_refused(
+        &op.send(vec![0xff, 0xfe, b'.', 0x80]).await?,
+        "not_utf8",
+        "non-UTF-8",
+    );
+    let deep = format!("{{\"command\":{}1{}}}", "[".repeat(64), "]".repeat(64));
+    expect_refused(
+        &op.send(deep.into_bytes()).await?,
+        "too_deep",
+        "deeply nested envelope",
+    );
+    expect_refused(
+        &op.send(br#"{"command":42}"#.to_vec()).await?,
+        "bad_envelope",
+        "wrong-typed envelope",
+    );
+    let wrong_typed = sign_compact(
+        key,
+        "twin-command+jwt",
+        format!(
+            r#"{{"iss":"{ISSUER}","sub":"alice","aud":"{GW}","iat":{n},"nbf":{n},"exp":{e},"jti":"typed-1","roles":[],"amr":[],"cmd":{{"tag":"tank1.mode","value":{{"nested":[1]}}}}}}"#,
+            n = now_s(),
+            e = now_s() + 60
+        )
+        .as_bytes(),
+    );
+    expect_refused(
+        &op.send(wrong_typed.into_bytes()).await?,
+        "bad_claims",
+        "wrong-typed claims",
+    );
+
+    // -- the policy -----------------------------------------------------------
+    let cmd = |sub: &str, tag: &str, v: Value| mint_command(key, &claims(sub, tag, v));
+    let denials = [
+        ("alice", "tank1.no_such_tag", Value::Int(1), "unknown_tag"),
+        ("alice", "tank1.level", Value::Float(1.0), "read_only_tag"),
+        ("mallory", "tank1.pump", Value::Bool(false), "role"),
+        (
+            "alice",
+            "tank1.level_setpoint",
+            Value::Float(4.9),
+            "out_of_bounds",
+        ),
+        (
+            "alice",
+            "tank1.level_setpoint",
+            Value::Float(3.5),
+            "step_too_large",
+        ),
+        // The tank starts in auto mode; the rule needs manual.
+        (
+            "alice",
+            "tank1.level_setpoint",
+            Value::Float(2.7),
+            "interlock",
+        ),
+        ("alice", "tank1.pump", Value::Bool(true), "outside_window"),
+        ("alice", "tank1.mode", Value::Int(1), "mfa_required"),
+    ];
+    for (sub, tag, value, code) in denials {
+        let r = op.send(cmd(sub, tag, value).into_bytes()).await?;
+        expect_denied(&r, code, &format!("{sub} writing {tag}"));
+    }
+    let c = manual_mode("alice");
+    let t = mint_command(&s.idp_es, &c);
+    expect_denied(
+        &op.send(t.into_bytes()).await?,
+        "too_few_approvals",
+        "too few approvals (ES256 token)",
+    );
+    let c = manual_mode("alice");
+    let t = mint_command(key, &c);
+    let twice = Envelope {
+        command: t.clone(),
+        approvals: vec![
+            approval(key, "bob", &t, &c.jti),
+            approval(key, "bob", &t, &c.jti),
+        ],
+    };
+    expect_denied(
+        &op.send(twice.to_message()).await?,
+        "duplicate_approver",
+        "approvals from the same operator twice",
+    );
+    let c = manual_mode("alice");
+    let t = mint_command(key, &c);
+    let own = Envelope {
+        command: t.clone(),
+        approvals: vec![approval(key, "alice", &t, &c.jti)],
+    };
+    expect_denied(
+        &op.send(own.to_message()).await?,
+        "duplicate_approver",
+        "self-approval",
+    );
+    let other = mint_command(key, &claims("alice", "tank1.mode", Value::Int(0)));
+    let moved = Envelope {
+        command: t.clone(),
+        approvals: vec![approval(key, "bob", &other, &c.jti)],
+    };
+    // The command's own jti was spent by the self-approval above.
+    expect_refused(
+        &op.send(moved.to_message()).await?,
+        "replayed",
+        "a spent command id",
+    );
+    let c = manual_mode("alice");
+    let t = mint_command(key, &c);
+    let moved = Envelope {
+        command: t.clone(),
+        approvals: vec![approval(key, "bob", &other, "another")],
+    };
+    expect_refused(
+        &op.send(moved.to_message()).await?,
+        "approval_wrong_command",
+        "an approval of another command",
+    );
+
+    // -- replays ----------------------------------------------------------------
+    let once = cmd("alice", "tank1.inlet_valve", Value::Bool(false));
+    expect_denied(
+        &op.send(once.clone().into_bytes()).await?,
+        "no_rule",
+        "a valid token for a tag without a rule",
+    );
+    expect_refused(
+        &op.send(once.clone().into_bytes()).await?,
+        "replayed",
+        "replayed on the same connection",
+    );
+
+    s.broker.restart().await?;
+    op.wait_online(2).await?;
+    expect_refused(
+        &op.send(once.clone().into_bytes()).await?,
+        "replayed",
+        "replayed after a reconnect",
+    );
+
+    // Retained: published while the gateway is down, delivered as retained
+    // when it subscribes again after the restart.
+    let stragglers = gw.stop().await;
+    assert!(stragglers.is_empty(), "{stragglers:?}");
+    let retained = cmd("alice", "tank1.pump", Value::Bool(false));
+    let retained_digest = op.publish(retained.into_bytes(), true).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let gw = s.start_gateway().await?;
+    op.wait_online(3).await?;
+    expect_refused(
+        &op.result_of(&retained_digest).await?,
+        "retained",
+        "a retained command",
+    );
+    expect_refused(
+        &op.send(once.clone().into_bytes()).await?,
+        "replayed",
+        "replayed after a gateway restart",
+    );
+
+    // -- no policy, invalid policy ------------------------------------------------
+    let dir = s.policy_dir();
+    std::fs::rename(&dir, dir.with_extension("away"))?;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    expect_denied(
+        &op.send(cmd("alice", "tank1.pump", Value::Bool(false)).into_bytes())
+            .await?,
+        "no_policy",
+        "policy folder removed",
+    );
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("broken.toml"), "[policy]\nmode = \"enforce\"\n[[rules]]\nid = \"x\"\ntags = [\"tank1.pump\"]\nroles = [\"nobody\"]\nallowed = [false]\n")?;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    expect_denied(
+        &op.send(cmd("alice", "tank1.pump", Value::Bool(false)).into_bytes())
+            .await?,
+        "invalid_policy",
+        "invalid policy",
+    );
+
+    assert_eq!(
+        s.plc.write_frames(),
+        0,
+        "no refused command may reach the PLC"
+    );
+
+    let stragglers = gw.stop().await;
+    assert!(stragglers.is_empty(), "{stragglers:?}");
+
+    // Every refusal and decision is in the audit log, which verifies.
+    let audit = s.cfg.audit.file.clone();
+    let codes = audit_codes(&audit)?;
+    for code in [
+        "alg_none",
+        "alg_hmac",
+        "unknown_kid",
+        "bad_signature",
+        "expired",
+        "not_yet_valid",
+        "issued_in_future",
+        "lifetime_too_long",
+        "wrong_audience",
+        "wrong_issuer",
+        "too_large",
+        "not_utf8",
+        "too_deep",
+        "bad_envelope",
+        "bad_claims",
+        "unknown_tag",
+        "read_only_tag",
+        "role",
+        "out_of_bounds",
+        "step_too_large",
+        "interlock",
+        "outside_window",
+        "mfa_required",
+        "too_few_approvals",
+        "duplicate_approver",
+        "approval_wrong_command",
+        "no_rule",
+        "replayed",
+        "retained",
+        "no_policy",
+        "invalid_policy",
+        "policy_rejected",
+    ] {
+        assert!(
+            codes.contains_key(code),
+            "no audit record with code {code}: {codes:?}"
+        );
+    }
+    assert!(!codes.contains_key("permit"), "{codes:?}");
+    let mut trust = TrustStore::new();
+    trust.add_pem(&std::fs::read_to_string(&s.pki.gateway_signing_pub)?)?;
+    let report = gateway::audit::verify_file(&audit, &trust)?;
+    assert!(report.is_ok(), "{report:?}");
+    // The audit topic carried the same lines, in order.
+    while op.pump(Duration::from_millis(200)).await? {}
+    let file: Vec<String> = std::fs::read_to_string(&audit)?
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let forwarded: Vec<&String> = op.audit_lines.iter().filter(|l| file.contains(l)).collect();
+    assert!(
+        forwarded.len() + 5 >= file.len() && !forwarded.is_empty(),
+        "{} of {} audit lines were forwarded",
+        forwarded.len(),
+        file.len()
+    );
+    s.plc.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn permitted_commands_write_the_exact_value_read_it_back_report_it_signed_and_update_the_twin(
+) -> anyhow::Result<()> {
+    init();
+    let s = Setup::new("").await?;
+    let mut twin = Twin::start(&s.broker, &s.pki, 64).await?;
+    let mut op = Operator::start(&s).await?;
+    let gw = s.start_gateway().await?;
+    op.wait_online(1).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let key = &s.idp;
+
+    // Manual mode: needs MFA and a second operator.
+    let c = manual_mode("alice");
+    let t = mint_command(key, &c);
+    let env = Envelope {
+        command: t.clone(),
+        approvals: vec![approval(key, "bob", &t, &c.jti)],
+    };
+    let r = op.send(env.to_message()).await?;
+    assert_eq!(r.status, Status::Applied, "{r:?}");
+    assert_eq!(r.rule_id.as_deref(), Some("mode"));
+    assert_eq!(r.readback, Some(Value::UInt(1)));
+    assert_eq!(r.command_id.as_deref(), Some(c.jti.as_str()));
+    assert_eq!(s.plc.holding(tank::MODE), 1, "FC 6 wrote the register");
+    assert_eq!(s.plc.write_frames(), 1);
+
+    // The setpoint in two permitted steps (u16 with scale 0.01), then the
+    // rule's rate limit (2 per minute) stops the third.
+    let sp = |v: f64| {
+        mint_command(
+            key,
+            &claims("carol", "tank1.level_setpoint", Value::Float(v)),
+        )
+    };
+    let r = op.send(sp(3.0).into_bytes()).await?;
+    assert_eq!(
+        (r.status, r.readback.clone()),
+        (Status::Applied, Some(Value::Float(3.0))),
+        "{r:?}"
+    );
+    assert_eq!(s.plc.holding(tank::LEVEL_SETPOINT), 300);
+    let r = op.send(sp(3.4).into_bytes()).await?;
+    assert_eq!(r.status, Status::Applied, "{r:?}");
+    assert_eq!(s.plc.holding(tank::LEVEL_SETPOINT), 340);
+    let r = op.send(sp(3.6).into_bytes()).await?;
+    expect_denied(&r, "rate_limited", "third setpoint within a minute");
+    assert_eq!(s.plc.holding(tank::LEVEL_SETPOINT), 340);
+    assert_eq!(s.plc.write_frames(), 3);
+
+    // The pump stop is a coil (FC 5).
+    let stop = mint_command(key, &claims("alice", "tank1.pump", Value::Bool(false)));
+    let r = op.send(stop.into_bytes()).await?;
+    assert_eq!(
+        (r.status, r.readback.clone()),
+        (Status::Applied, Some(Value::Bool(false))),
+        "{r:?}"
+    );
+    assert_eq!(s.plc.write_frames(), 4);
+
+    // `expect` guards against a stale screen: the mode is 1, not 0, so
+    // nothing is written.
+    let mut c = claims("alice", "tank1.pump", Value::Bool(false));
+    c.cmd.expect = Some(Value::Bool(true));
+    let r = op.send(mint_command(key, &c).into_bytes()).await?;
+    assert_eq!(
+        (r.status, r.code.as_deref()),
+        (Status::Failed, Some("expect_mismatch")),
+        "{r:?}"
+    );
+    assert_eq!(s.plc.write_frames(), 4, "an expect mismatch writes nothing");
+
+    // The twin shows the new values with the command that caused them.
+    let mode_cmd = c_jti_of(&op, "tank1.mode");
+    twin.until(
+        Duration::from_secs(10),
+        "the reported twin names the command",
+        |t| {
+            t.view()
+                .reported
+                .as_ref()
+                .and_then(|r| r.tags.get("tank1.mode"))
+                .is_some_and(|s| {
+                    s.command_id.as_deref() == Some(mode_cmd.as_str())
+                        && s.value == Some(Value::UInt(1))
+                })
+                && t.view()
+                    .reported
+                    .as_ref()
+                    .and_then(|r| r.tags.get("tank1.level_setpoint"))
+                    .is_some_and(|s| s.value == Some(Value::Float(3.4)))
+        },
+    )
+    .await?;
+    let reported = twin.view().reported.expect("a reported twin");
+    let setpoint = &reported.tags["tank1.level_setpoint"];
+    assert_eq!(setpoint.value, Some(Value::Float(3.4)));
+    assert!(setpoint.command_id.is_some());
+    assert!(twin.rejections().is_empty(), "{:?}", twin.rejections());
+
+    let stragglers = gw.stop().await;
+    assert!(stragglers.is_empty(), "{stragglers:?}");
+    let codes = audit_codes(&s.cfg.audit.file)?;
+    assert_eq!(codes.get("permit"), Some(&5), "{codes:?}");
+    assert_eq!(codes.get("outcome:applied"), Some(&4), "{codes:?}");
+    assert_eq!(codes.get("outcome:failed"), Some(&1), "{codes:?}");
+    s.plc.stop().await;
+    Ok(())
+}
+
+/// The command id of the applied command that wrote `tag`.
+fn c_jti_of(op: &Operator, tag: &str) -> String {
+    op.results
+        .values()
+        .find(|r| r.status == Status::Applied && r.tag.as_deref() == Some(tag))
+        .and_then(|r| r.command_id.clone())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_multi_register_value_is_written_in_one_fc16_request_in_the_tags_byte_order(
+) -> anyhow::Result<()> {
+    init();
+    let bulk = PlcSim::start_bulk("127.0.0.1:0".parse()?, 64).await?;
+    // The bench device changes every register every 10 ms; hold it still so
+    // that what is read back is what was written.
+    bulk.freeze(true);
+    let extra = format!(
+        r#"
+[[devices]]
+name = "bulk"
+protocol = "modbus-tcp"
+address = "{addr}"
+unit_id = 1
+poll_interval_ms = 100
+
+[[devices.tags]]
+name = "bulk.limit"
+area = "holding_register"
+address = 10
+type = "f32"
+order = "CDAB"
+writable = true
+
+[[devices.tags]]
+name = "bulk.counter"
+area = "holding_register"
+address = 20
+type = "u64"
+order = "DCBA"
+writable = true
+"#,
+        addr = bulk.addr()
+    );
+    let mut s = Setup::new("").await?;
+    let mut text = std::fs::read_to_string(&s.cfg.source)?;
+    // Devices must come after the other tables: append to the device list.
+    text.push_str(&extra);
+    s.cfg = write_config(s.pki.root(), &text, 50)?;
+    std::fs::write(
+        s.policy_dir().join("bulk.toml"),
+        r#"
+[[roles]]
+name = "engineer"
+subjects = ["erin"]
+
+[[rules]]
+id = "bulk"
+roles = ["engineer"]
+tags = ["bulk.*"]
+min = 0
+max = 1e17
+"#,
+    )?;
+    let mut op = Operator::start(&s).await?;
+    let gw = s.start_gateway().await?;
+    op.wait_online(1).await?;
+    let key = &s.idp;
+
+    let r = op
+        .send(mint_command(key, &claims("erin", "bulk.limit", Value::Float(1234.5))).into_bytes())
+        .await?;
+    assert_eq!(
+        (r.status, r.readback.clone()),
+        (Status::Applied, Some(Value::Float(1234.5))),
+        "{r:?}"
+    );
+    let be = 1234.5f32.to_be_bytes();
+    let (hi, lo) = (
+        u16::from_be_bytes([be[0], be[1]]),
+        u16::from_be_bytes([be[2], be[3]]),
+    );
+    assert_eq!(bulk.holdings(10, 2), vec![lo, hi], "CDAB: low word first");
+
+    let r = op
+        .send(
+            mint_command(
+                key,
+                &claims("erin", "bulk.counter", Value::UInt(0x0102_0304_0506_0708)),
+            )
+            .into_bytes(),
+        )
+        .await?;
+    assert_eq!(r.status, Status::Applied, "{r:?}");
+    assert_eq!(
+        bulk.holdings(20, 4),
+        vec![0x0807, 0x0605, 0x0403, 0x0201],
+        "DCBA"
+    );
+    assert_eq!(
+        bulk.write_frames(),
+        2,
+        "one FC 16 request per value, never split"
+    );
+    assert_eq!(s.plc.write_frames(), 0);
+
+    gw.stop().await;
+    bulk.stop().await;
+    s.plc.stop().await;
+    Ok(())
+}
