@@ -959,3 +959,259 @@ max = 1e17
     s.plc.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_policy_change_is_swapped_in_an_invalid_one_is_rejected_and_a_candidate_runs_in_shadow(
+) -> anyhow::Result<()> {
+    init();
+    let s = Setup::new("candidate_policy_dir = \"policies-next\"\n").await?;
+    let next = s.pki.root().join("policies-next");
+    std::fs::create_dir_all(&next)?;
+    // The candidate lets the pump start at any hour.
+    std::fs::write(
+        next.join("test.toml"),
+        test_policy().replace(&format!("windows = [{}]", closed_window()), ""),
+    )?;
+    let mut op = Operator::start(&s).await?;
+    let gw = s.start_gateway().await?;
+    op.wait_online(1).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let key = &s.idp;
+    let cmd = |tag: &str, v: Value| mint_command(key, &claims("alice", tag, v));
+
+    // Shadow: enforced denies (window), the candidate would permit.
+    let r = op
+        .send(cmd("tank1.pump", Value::Bool(true)).into_bytes())
+        .await?;
+    expect_denied(&r, "outside_window", "enforced policy");
+
+    // No rule for the inlet valve yet.
+    let r = op
+        .send(cmd("tank1.inlet_valve", Value::Bool(false)).into_bytes())
+        .await?;
+    expect_denied(&r, "no_rule", "before the change");
+
+    // A valid change: swapped in.
+    let file = s.policy_dir().join("test.toml");
+    let valve_rule = "\n[[rules]]\nid = \"valve-close\"\nroles = [\"operator\"]\ntags = [\"tank1.inlet_valve\"]\nallowed = [false]\n";
+    std::fs::write(&file, format!("{}{valve_rule}", test_policy()))?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let r = loop {
+        let r = op
+            .send(cmd("tank1.inlet_valve", Value::Bool(false)).into_bytes())
+            .await?;
+        if r.status != Status::Denied || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        (r.status, r.rule_id.as_deref()),
+        (Status::Applied, Some("valve-close")),
+        "{r:?}"
+    );
+
+    // An invalid change: rejected, the policy in force stays.
+    std::fs::write(
+        &file,
+        format!("{}{valve_rule}\nunknown_key = 1\n", test_policy()),
+    )?;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let r = op
+        .send(cmd("tank1.inlet_valve", Value::Bool(false)).into_bytes())
+        .await?;
+    assert_eq!(
+        (r.status, r.rule_id.as_deref()),
+        (Status::Applied, Some("valve-close")),
+        "{r:?}"
+    );
+    assert!(gw.downlink_stats.policy_rejections.load(Ordering::Relaxed) >= 1);
+
+    gw.stop().await;
+    let mut shadow = Vec::new();
+    let mut rejected = Vec::new();
+    for line in std::fs::read_to_string(&s.cfg.audit.file)?.lines() {
+        match parse_line(line.as_bytes())
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .event
+        {
+            AuditEvent::ShadowDifference(d) => shadow.push(d),
+            AuditEvent::PolicyRejected(p) => rejected.push(p),
+            _ => {}
+        }
+    }
+    let pump = shadow
+        .iter()
+        .find(|d| d.tag == "tank1.pump")
+        .expect("a shadow difference for the pump");
+    assert_eq!(pump.enforced, "deny:outside_window");
+    assert_eq!(pump.candidate, "permit");
+    assert_eq!(pump.candidate_rule.as_deref(), Some("pump-start-night"));
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert!(
+        rejected[0]
+            .errors
+            .iter()
+            .any(|e| e.contains("unknown_key") && e.contains("test.toml:")),
+        "the rejection names the file and the line: {:?}",
+        rejected[0].errors
+    );
+    s.plc.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_a_writable_audit_log_commands_are_refused_while_telemetry_goes_on(
+) -> anyhow::Result<()> {
+    init();
+    let s = Setup::new("\n[audit]\nfile = \"audit-dir/audit.jsonl\"\n").await?;
+    let mut twin = Twin::start(&s.broker, &s.pki, 64).await?;
+    let mut op = Operator::start(&s).await?;
+    let gw = s.start_gateway().await?;
+    op.wait_online(1).await?;
+    let key = &s.idp;
+
+    let r = op
+        .send(mint_command(key, &claims("alice", "tank1.pump", Value::Bool(false))).into_bytes())
+        .await?;
+    expect_refused(&r, "audit_unavailable", "no audit log");
+    assert_eq!(s.plc.write_frames(), 0);
+    let before = twin.view().batches;
+    twin.until(
+        Duration::from_secs(10),
+        "telemetry while commands are refused",
+        |t| t.view().batches >= before + 10,
+    )
+    .await?;
+    assert!(twin.rejections().is_empty(), "{:?}", twin.rejections());
+
+    // Once the log can be written, commands are taken again.
+    std::fs::create_dir_all(s.pki.root().join("audit-dir"))?;
+    let r = op
+        .send(mint_command(key, &claims("alice", "tank1.pump", Value::Bool(false))).into_bytes())
+        .await?;
+    assert_eq!(r.status, Status::Applied, "{r:?}");
+    gw.stop().await;
+    s.plc.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flood_of_commands_neither_delays_telemetry_nor_passes_more_than_the_rate_limits(
+) -> anyhow::Result<()> {
+    init();
+    let s = Setup::new("").await?;
+    let cc = s.cfg.commands.clone().expect("commands configured");
+    let mut twin = Twin::start(&s.broker, &s.pki, 64).await?;
+    let mut op = Operator::start(&s).await?;
+    let gw = s.start_gateway().await?;
+    op.wait_online(1).await?;
+    twin.until(Duration::from_secs(10), "telemetry", |t| {
+        t.view().batches >= 5
+    })
+    .await?;
+
+    // Valid, permitted commands (pump stop has no rate limit in the
+    // policy) mixed with forged ones, published as fast as the client can.
+    const N: usize = 6000;
+    let key = &s.idp;
+    let messages: Vec<Vec<u8>> = (0..N)
+        .map(|i| {
+            let t = if i % 2 == 0 {
+                mint_command(key, &claims("alice", "tank1.pump", Value::Bool(false)))
+            } else {
+                mint_command(
+                    &s.stranger,
+                    &claims("alice", "tank1.pump", Value::Bool(false)),
+                )
+            };
+            t.into_bytes()
+        })
+        .collect();
+    let opts = s
+        .broker
+        .client_options(&s.pki, "flooder", Identity::Operator)?;
+    let (flooder, mut events) = AsyncClient::new(opts, 4096);
+    let poller = tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    let flood_started = Instant::now();
+    for (i, m) in messages.into_iter().enumerate() {
+        let qos = if i % 3 == 0 {
+            QoS::AtLeastOnce
+        } else {
+            QoS::AtMostOnce
+        };
+        flooder
+            .publish(format!("twin/{GW}/command"), qos, false, m)
+            .await?;
+    }
+    // Watch telemetry while the gateway works through the flood.
+    let batches_before = twin.view().batches;
+    let mut last = Instant::now();
+    let mut max_gap = Duration::ZERO;
+    let watch_until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < watch_until {
+        let seen = twin.view().batches;
+        twin.until(Duration::from_secs(5), "telemetry during the flood", |t| {
+            t.view().batches > seen
+        })
+        .await?;
+        max_gap = max_gap.max(last.elapsed());
+        last = Instant::now();
+    }
+    let flood_s = flood_started.elapsed().as_secs_f64();
+    let batches = twin.view().batches - batches_before;
+    poller.abort();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stats = gw.downlink_stats.clone();
+    let link = gw.link_stats.clone();
+    gw.stop().await;
+
+    let received = link.received.load(Ordering::Relaxed);
+    let handled = stats.handled.load(Ordering::Relaxed);
+    let dropped = stats.dropped.load(Ordering::Relaxed);
+    let applied = stats.applied.load(Ordering::Relaxed);
+    let window_s = flood_s + 1.0;
+    let global_max = f64::from(cc.burst) + f64::from(cc.rate_per_s) * window_s;
+    let operator_max = f64::from(cc.operator_burst) + f64::from(cc.operator_rate_per_s) * window_s;
+    println!(
+        "flood: {received} received in {flood_s:.1} s, {handled} handled, {dropped} dropped unread, {applied} applied; telemetry: {batches} batches, longest gap {max_gap:?}"
+    );
+    assert!(
+        received >= 1000,
+        "the flood reached the gateway: {received}"
+    );
+    assert!(
+        handled as f64 <= global_max,
+        "{handled} handled > {global_max}"
+    );
+    assert!(
+        applied as f64 <= operator_max,
+        "{applied} applied > {operator_max}"
+    );
+    assert!(applied >= 1, "valid commands still pass within the limits");
+    assert_eq!(
+        s.plc.write_frames(),
+        applied,
+        "one write frame per applied command"
+    );
+    assert!(
+        max_gap < Duration::from_secs(1),
+        "telemetry stalled for {max_gap:?}"
+    );
+    assert!(twin.rejections().is_empty(), "{:?}", twin.rejections());
+    let codes = audit_codes(&s.cfg.audit.file)?;
+    let summarised: u64 = std::fs::read_to_string(&s.cfg.audit.file)?
+        .lines()
+        .filter_map(|l| match parse_line(l.as_bytes()).ok()?.event {
+            AuditEvent::CommandsDropped(d) => Some(d.count),
+            _ => None,
+        })
+        .sum();
+    assert_eq!(
+        summarised, dropped,
+        "every dropped message is counted in the audit log: {codes:?}"
+    );
+    assert!(handled + dropped <= received);
+    s.plc.stop().await;
+    Ok(())
+}
