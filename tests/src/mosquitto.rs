@@ -325,6 +325,8 @@ fn config_text(
     line(format!("log_dest file {}", log.display()));
     line("log_type all".into());
     line("connection_messages true".into());
+    // Commands and results are small: no Nagle delay at the broker.
+    line("set_tcp_nodelay true".into());
     if opts.persistence {
         let data = dir.join("data");
         let _ = std::fs::create_dir_all(&data);

@@ -254,6 +254,9 @@ pub async fn run(
     // A connect (TCP, TLS, CONNECT, CONNACK) that takes longer is abandoned
     // and retried: a stuck attempt must not hold the link for long.
     eventloop.network_options.set_connection_timeout(5);
+    // Small messages (commands, results, acknowledgements) must not wait
+    // for Nagle's algorithm and the peer's delayed ACK (40 ms each way).
+    eventloop.network_options.set_tcp_nodelay(true);
 
     let tracker = Arc::new(std::sync::Mutex::new(Tracker::default()));
     let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<Ctl>();
