@@ -290,6 +290,66 @@ enum PkiCommand {
     },
 }
 
+/// Reports what the gateway will do with commands; false when commands
+/// are configured but none could be accepted (no operator key, or a policy
+/// with errors).
+fn check_commands(cfg: &gateway::config::Config) -> bool {
+    let Some(cc) = &cfg.commands else {
+        println!("commands: disabled (no [commands] table): the gateway writes nothing");
+        return true;
+    };
+    let mut ok = true;
+    match gateway::command_auth::OperatorTrustStore::load_dir(&cc.operator_keys_dir) {
+        Ok(keys) if keys.is_empty() => {
+            println!(
+                "commands: {}: no operator key (*.pem): every command would be refused",
+                cc.operator_keys_dir.display()
+            );
+            ok = false;
+        }
+        Ok(keys) => println!(
+            "commands: {} operator key(s) from {}, issuer \"{}\"",
+            keys.len(),
+            cc.operator_keys_dir.display(),
+            cc.issuer
+        ),
+        Err(e) => {
+            println!(
+                "commands: {}: operator keys cannot be loaded ({e}): every command would be refused",
+                cc.operator_keys_dir.display()
+            );
+            ok = false;
+        }
+    }
+    match gateway::policy::Policy::load_dir(&cc.policy_dir, cfg) {
+        Ok((p, warnings)) => {
+            for w in &warnings {
+                eprintln!("{w}");
+            }
+            println!(
+                "commands: policy {} in {} mode, {} rule(s), {} warning(s)",
+                cc.policy_dir.display(),
+                p.mode().as_str(),
+                p.rule_ids().count(),
+                warnings.len()
+            );
+            if p.mode() == gateway::policy::Mode::Audit {
+                println!("commands: the policy is in audit mode: every command is denied");
+            }
+        }
+        Err(errors) => {
+            eprint!("{errors}");
+            println!(
+                "commands: policy {}: {} error(s): every command would be denied",
+                cc.policy_dir.display(),
+                errors.errors.len()
+            );
+            ok = false;
+        }
+    }
+    ok
+}
+
 fn main() -> ExitCode {
     gateway::tls::install_default_provider();
     let cli = Cli::parse();
@@ -327,7 +387,12 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                         gateway::config::TlsVersion::Tls12 => "1.2 allowed",
                     }
                 );
-                Ok(ExitCode::SUCCESS)
+                println!("audit log: {}", cfg.audit.file.display());
+                Ok(if check_commands(&cfg) {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
             }
             Err(errors) => {
                 eprint!("{errors}");

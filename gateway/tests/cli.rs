@@ -269,3 +269,41 @@ fn audit_verify_accepts_an_intact_log_and_names_the_first_altered_record() {
         text(&out)
     );
 }
+
+#[test]
+fn check_reports_the_command_side_and_fails_without_operator_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = gateway(
+        &["pki", "dev", "--gateway-id", "plant1-gw1", "--out", "pki"],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let example =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.example.toml"))
+            .unwrap();
+    std::fs::write(
+        dir.path().join("gateway.toml"),
+        format!(
+            "{example}\n[commands]\npolicy_dir = \"{}\"\noperator_keys_dir = \"operators\"\nissuer = \"plant1-ops\"\n",
+            policies.display()
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir.path().join("operators")).unwrap();
+
+    let out = gateway(&["check", "-c", "gateway.toml"], dir.path());
+    assert!(!out.status.success(), "no operator key: {}", text(&out));
+    assert!(text(&out).contains("no operator key"), "{}", text(&out));
+
+    std::fs::copy(
+        dir.path().join("pki/operator-signing.pub.pem"),
+        dir.path().join("operators/idp.pem"),
+    )
+    .unwrap();
+    let out = gateway(&["check", "-c", "gateway.toml"], dir.path());
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains("1 operator key(s)"), "{t}");
+    assert!(t.contains("in enforce mode, 4 rule(s)"), "{t}");
+}
