@@ -5,7 +5,10 @@
 //!   and keeps the live twin of each gateway. No I/O.
 //! - [`render`]: the twin as a text table for people, or JSON lines.
 //! - [`client`]: the operator's mutual-TLS MQTT connection.
+//! - [`operator`]: operator keys, command and approval tokens, sending a
+//!   command and verifying its result, following results and the audit log.
 
 pub mod client;
+pub mod operator;
 pub mod render;
 pub mod watch;

@@ -329,8 +329,10 @@ impl Watcher {
 }
 
 /// Verifies a signed message of type `typ` and parses its JSON payload;
-/// on failure, the reason code and message.
-fn verify_json<T: serde::de::DeserializeOwned>(
+/// on failure, the reason code and message. Every signed message the
+/// operator tool reads (twin, status, gap records, command results) goes
+/// through here.
+pub fn verify_json<T: serde::de::DeserializeOwned>(
     trust: &TrustStore,
     payload: &[u8],
     typ: &str,

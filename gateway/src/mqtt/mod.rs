@@ -504,7 +504,10 @@ pub async fn run(
             }
         }
         if let Some(until) = drain_until {
+            // The downlink closes its audit log at shutdown: its last lines
+            // (`stopped` and the final checkpoint) go out before the link ends.
             let drained = unacked.is_empty()
+                && !events_open
                 && queued_events.is_empty()
                 && outbox.as_ref().is_none_or(|o| {
                     o.is_empty() && o.gaps(1).map(|g| g.is_empty()).unwrap_or(true)

@@ -15,6 +15,10 @@ use twin_testkit::sim::tank;
 
 const ISSUER: &str = "plant-ops";
 
+/// Operator limits out of the way, for tests that send many commands in a
+/// row (the flood test keeps the defaults).
+const FAST_OPERATORS: &str = "operator_rate_per_s = 1000\noperator_burst = 1000\n";
+
 static JTI: AtomicU64 = AtomicU64::new(1);
 
 fn now_s() -> u64 {
@@ -374,7 +378,7 @@ fn audit_codes(path: &Path) -> anyhow::Result<BTreeMap<String, usize>> {
 async fn every_forged_malformed_or_unpermitted_command_is_refused_with_its_code_audited_and_writes_nothing(
 ) -> anyhow::Result<()> {
     init();
-    let mut s = Setup::new("").await?;
+    let mut s = Setup::new(FAST_OPERATORS).await?;
     let mut op = Operator::start(&s).await?;
     let gw = s.start_gateway().await?;
     op.wait_online(1).await?;
@@ -742,7 +746,7 @@ async fn every_forged_malformed_or_unpermitted_command_is_refused_with_its_code_
 async fn permitted_commands_write_the_exact_value_read_it_back_report_it_signed_and_update_the_twin(
 ) -> anyhow::Result<()> {
     init();
-    let s = Setup::new("").await?;
+    let s = Setup::new(FAST_OPERATORS).await?;
     let mut twin = Twin::start(&s.broker, &s.pki, 64).await?;
     let mut op = Operator::start(&s).await?;
     let gw = s.start_gateway().await?;
@@ -892,7 +896,7 @@ writable = true
 "#,
         addr = bulk.addr()
     );
-    let mut s = Setup::new("").await?;
+    let mut s = Setup::new(FAST_OPERATORS).await?;
     let mut text = std::fs::read_to_string(&s.cfg.source)?;
     // Devices must come after the other tables: append to the device list.
     text.push_str(&extra);
