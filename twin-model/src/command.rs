@@ -154,7 +154,12 @@ impl Envelope {
     pub fn parse(message: &[u8]) -> Result<Envelope, EnvelopeError> {
         let text = std::str::from_utf8(message).map_err(|_| EnvelopeError::NotUtf8)?;
         let trimmed = text.trim_matches(|c: char| c.is_ascii_whitespace());
-        if !trimmed.starts_with(['{', '[']) {
+        if trimmed.starts_with('[') {
+            return Err(EnvelopeError::Invalid(
+                "a command message is a token or a JSON object, not an array".into(),
+            ));
+        }
+        if !trimmed.starts_with('{') {
             return Ok(Envelope {
                 command: trimmed.to_owned(),
                 approvals: Vec::new(),
@@ -368,6 +373,24 @@ fn invalid(e: serde_json::Error) -> ClaimsError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_envelope_is_a_bare_token_or_an_object_and_nothing_else() {
+        let bare = Envelope::parse(b"  a.b.c\n").unwrap();
+        assert_eq!((bare.command.as_str(), bare.approvals.len()), ("a.b.c", 0));
+        let env = Envelope::parse(br#"{"command":"a.b.c","approvals":["d.e.f"]}"#).unwrap();
+        assert_eq!(env.approvals, vec!["d.e.f".to_string()]);
+        assert_eq!(Envelope::parse(&env.to_message()).unwrap(), env);
+        for (bad, code) in [
+            (&br#"["a.b.c",["d.e.f"]]"#[..], "bad_envelope"),
+            (br#"{"command":42}"#, "bad_envelope"),
+            (br#"{"command":"a","x":1}"#, "bad_envelope"),
+            (br#"{"command":[[["a"]]]}"#, "too_deep"),
+            (b"\xff\xfe", "not_utf8"),
+        ] {
+            assert_eq!(Envelope::parse(bad).unwrap_err().code(), code, "{bad:?}");
+        }
+    }
 
     fn claims() -> CommandClaims {
         CommandClaims {

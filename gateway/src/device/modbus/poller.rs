@@ -250,10 +250,12 @@ impl Owner {
                             cycle_done: false,
                             command_id: Some(command_id),
                         };
-                        // The read-back joins the uplink like any sample;
-                        // a full queue must not hold the answer back.
-                        if out.try_send(event).is_err() {
-                            debug!(device = %self.cfg.name, "read-back sample not queued (uplink busy); the next poll carries it");
+                        // The read-back joins the uplink like any sample
+                        // (and names the command in the reported twin).
+                        tokio::select! {
+                            biased;
+                            () = shutdown.cancelled() => break,
+                            sent = out.send(event) => if sent.is_err() { break },
                         }
                     }
                     let _ = reply.send(result.map(|(report, _)| report));
