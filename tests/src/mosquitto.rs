@@ -5,7 +5,7 @@
 //! `use_identity_as_username true`, no anonymous access) and an ACL that
 //! limits the gateway (CN = gateway id) to `twin/<gateway id>/#` and lets the
 //! operator (CN [`crate::pki::OPERATOR`]) read `twin/#` and write
-//! `twin/+/commands`. Nothing else is allowed.
+//! `twin/+/command`. Nothing else is allowed.
 //!
 //! Mosquitto comes from the Debian package `mosquitto`; the tests never skip
 //! when it is missing, they fail and say how to install it. The process is
