@@ -367,13 +367,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Check { config } => match gateway::config::load(&config) {
             Ok(cfg) => {
-                let tags: usize = cfg
-                    .devices
-                    .iter()
-                    .map(|d| match d {
-                        gateway::config::DeviceConfig::Modbus(m) => m.tags.len(),
-                    })
-                    .sum();
+                let tags: usize = cfg.devices.iter().map(|d| d.tag_count()).sum();
                 println!(
                     "{}: OK: gateway {}, {} device(s), {} tag(s), broker {}:{} (TLS {})",
                     config.display(),
@@ -388,6 +382,23 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 );
                 println!("audit log: {}", cfg.audit.file.display());
+                for d in &cfg.devices {
+                    if let gateway::config::DeviceConfig::OpcUa(o) = d {
+                        let security = match o.security_policy {
+                            Some(gateway::config::OpcUaPolicy::None) => {
+                                "INSECURE: security None (allow_security_none = true)".to_string()
+                            }
+                            Some(p) => format!("{} {:?}", p.name(), o.security_mode),
+                            None => format!("best secure policy, {:?}", o.security_mode),
+                        };
+                        println!(
+                            "device {}: OPC UA {} ({security}); trust list {}",
+                            o.name,
+                            o.endpoint_url,
+                            o.pki_dir.join("trusted").display()
+                        );
+                    }
+                }
                 Ok(if check_commands(&cfg) {
                     ExitCode::SUCCESS
                 } else {
@@ -513,9 +524,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let slowest = cfg
                 .devices
                 .iter()
-                .map(|d| match d {
-                    gateway::config::DeviceConfig::Modbus(m) => m.poll_interval,
-                })
+                .map(|d| d.poll_interval())
                 .max()
                 .unwrap_or_default();
             let max_age = max_age_s

@@ -180,6 +180,50 @@ pub struct DevPkiFiles {
     pub operator_key: PathBuf,
     pub operator_signing_key: PathBuf,
     pub operator_signing_pub: PathBuf,
+    /// The OPC UA client's folder: `own/cert.der`, `private/private.pem`,
+    /// the empty trust list `trusted/` and `rejected/`.
+    pub opcua_dir: PathBuf,
+    pub opcua_cert: PathBuf,
+    pub opcua_key: PathBuf,
+}
+
+/// The application URI of the gateway's OPC UA client certificate.
+pub fn opcua_application_uri(gateway_id: &str) -> String {
+    format!("urn:twin-gateway:{gateway_id}")
+}
+
+/// A self-signed OPC UA application instance certificate (RSA 2048,
+/// SHA-256) for `application_uri` and `hosts`: DER certificate and PEM key.
+pub fn opcua_application_cert(
+    application_uri: &str,
+    hosts: &[String],
+    validity: Validity,
+) -> Result<(Vec<u8>, String), PkiError> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut sans = vec![SanType::URI(application_uri.try_into()?)];
+    for h in hosts {
+        sans.push(match h.parse::<std::net::IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(h.clone().try_into()?),
+        });
+    }
+    params.subject_alt_names = sans;
+    params.distinguished_name = dn("twin gateway OPC UA client");
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::ContentCommitment,
+        KeyUsagePurpose::KeyEncipherment,
+        KeyUsagePurpose::DataEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ClientAuth,
+        ExtendedKeyUsagePurpose::ServerAuth,
+    ];
+    params.not_before = validity.not_before;
+    params.not_after = validity.not_after;
+    let key = KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256)?;
+    let cert = params.self_signed(&key)?;
+    Ok((cert.der().to_vec(), key.serialize_pem()))
 }
 
 impl DevPkiFiles {
@@ -199,6 +243,9 @@ impl DevPkiFiles {
             operator_key: p("operator.key.pem"),
             operator_signing_key: p("operator-signing.key.pem"),
             operator_signing_pub: p("operator-signing.pub.pem"),
+            opcua_dir: p("opcua"),
+            opcua_cert: p("opcua/own/cert.der"),
+            opcua_key: p("opcua/private/private.pem"),
         }
     }
 }
@@ -226,6 +273,18 @@ pub fn create_dev_pki(opts: &DevPkiOptions) -> Result<DevPkiFiles, PkiError> {
     let gw = ca.issue_client(&opts.gateway_id, validity)?;
     keyfile::write_public(&files.gateway_cert, &gw.cert_pem)?;
     keyfile::write_private(&files.gateway_key, &gw.key_pem)?;
+
+    for sub in ["own", "private", "trusted", "rejected"] {
+        let d = files.opcua_dir.join(sub);
+        std::fs::create_dir_all(&d).map_err(io(&d))?;
+    }
+    let (der, key) = opcua_application_cert(
+        &opcua_application_uri(&opts.gateway_id),
+        &["localhost".to_string()],
+        validity,
+    )?;
+    std::fs::write(&files.opcua_cert, der).map_err(io(&files.opcua_cert))?;
+    keyfile::write_private(&files.opcua_key, &key)?;
 
     let op = ca.issue_client(&opts.operator, validity)?;
     keyfile::write_public(&files.operator_cert, &op.cert_pem)?;

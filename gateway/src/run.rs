@@ -10,7 +10,9 @@
 //! sequence; tasks still running at the deadline are named in the log.
 
 use crate::config::{Config, DeviceConfig};
-use crate::device::{modbus::ModbusDriver, DeviceContext, DeviceEvent, Writers, WRITE_QUEUE};
+use crate::device::{
+    modbus::ModbusDriver, opcua::OpcUaDriver, DeviceContext, DeviceEvent, Writers, WRITE_QUEUE,
+};
 use crate::downlink::{
     current::CurrentTable, limit::Bucket, receive, Downlink, DownlinkParts, DownlinkStats,
 };
@@ -127,11 +129,10 @@ pub async fn start(cfg: Config) -> anyhow::Result<GatewayHandle> {
     let units: HashMap<String, String> = cfg
         .devices
         .iter()
-        .flat_map(|d| match d {
-            DeviceConfig::Modbus(m) => m
-                .tags
-                .iter()
-                .filter_map(|t| Some((t.name.clone(), t.unit.clone()?))),
+        .flat_map(|d| {
+            d.units()
+                .into_iter()
+                .map(|(t, u)| (t.to_owned(), u.to_owned()))
         })
         .collect();
     let reporter = Reporter::new(
@@ -229,6 +230,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<GatewayHandle> {
         let name = format!("device {}", dev.name());
         let handle = match dev.clone() {
             DeviceConfig::Modbus(m) => tokio::spawn(ModbusDriver::new(m).run(ctx)),
+            DeviceConfig::OpcUa(o) => tokio::spawn(OpcUaDriver::new(o).run(ctx)),
         };
         tasks.push((name, handle));
     }

@@ -5,8 +5,10 @@
 //! - [`pki`]: CA, broker/client certificates and signing keys in a temp dir
 //! - [`mosquitto`]: Mosquitto with mutual TLS and an ACL, on a free port
 //! - [`python`]: pymodbus peer (and the virtual environment it runs in)
+//! - [`opcua_sim`]: OPC UA simulator server (typed variables, a tank; async-opcua)
 
 pub mod mosquitto;
+pub mod opcua_sim;
 pub mod pki;
 pub mod python;
 pub mod sim;

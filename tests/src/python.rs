@@ -8,10 +8,14 @@
 //! [`start_pymodbus`] runs `tests/py/modbus_server.py`, a pymodbus server
 //! whose registers hold values encoded by pymodbus itself, and returns the
 //! expectations it wrote: an independent check of the gateway's decoding.
+//!
+//! [`AsyncuaServer`] runs `tests/py/opcua_server.py`, an OPC UA server of the
+//! asyncua stack offering only Basic256Sha256 / SignAndEncrypt with user name
+//! login: an independent peer for the gateway's OPC UA client.
 
 use anyhow::{bail, Context as _};
 use serde::Deserialize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 use tokio::process::{Child, Command};
@@ -180,6 +184,161 @@ async fn try_start(python: &std::path::Path, port: u16) -> anyhow::Result<PyModb
     })
 }
 
+/// The application URI in the asyncua peer's certificate, also the URI of
+/// the namespace its nodes are in (index 1).
+pub const ASYNCUA_APPLICATION_URI: &str = "urn:twin-gateway:asyncua-peer";
+
+/// A running asyncua OPC UA server (`tests/py/opcua_server.py`) on
+/// `opc.tcp://127.0.0.1:PORT/twin/`. Killed on drop.
+///
+/// It offers only Basic256Sha256 / SignAndEncrypt, accepts any client
+/// certificate, and requires the user name and password it was started
+/// with. Nodes, in namespace [`ASYNCUA_APPLICATION_URI`] with string ids:
+/// `Peer.Double` (Double 21.5, +0.5 every 200 ms, wrapping after 31.0 to
+/// 21.5), `Peer.Int32` (-42), `Peer.UInt16` (7), `Peer.Bool` (true),
+/// `Peer.String` ("peer"), and `Peer.Setpoint` (Double 1.0, the only
+/// writable one).
+pub struct AsyncuaServer {
+    child: Child,
+    port: u16,
+    endpoint_url: String,
+    dir: PathBuf,
+}
+
+impl AsyncuaServer {
+    /// Starts the peer on a free loopback port and waits until it accepts
+    /// connections. It writes its key (`server_key.pem`), its self-signed
+    /// certificate (`server_cert.der`) and its output (`asyncua.stdout`,
+    /// `asyncua.stderr`) into `dir`, which must exist.
+    pub async fn start(dir: &Path, user: &str, password: &str) -> anyhow::Result<AsyncuaServer> {
+        let python = python()?;
+        let mut last_error = None;
+        for _ in 0..3 {
+            match Self::try_start(&python, crate::free_port(), dir, user, password).await {
+                Ok(server) => return Ok(server),
+                // Most likely the port was taken in between: try another.
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.expect("the loop ran at least once"))
+    }
+
+    async fn try_start(
+        python: &Path,
+        port: u16,
+        dir: &Path,
+        user: &str,
+        password: &str,
+    ) -> anyhow::Result<AsyncuaServer> {
+        let out = |n: &str| -> anyhow::Result<std::fs::File> {
+            let path = dir.join(n);
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))
+        };
+        let child = Command::new(python)
+            .arg(script("opcua_server.py"))
+            .arg("--port")
+            .arg(port.to_string())
+            .arg("--dir")
+            .arg(dir)
+            .arg("--user")
+            .arg(user)
+            .arg("--password")
+            .arg(password)
+            .stdin(Stdio::null())
+            .stdout(out("asyncua.stdout")?)
+            .stderr(out("asyncua.stderr")?)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", python.display()))?;
+        let mut server = AsyncuaServer {
+            child,
+            port,
+            endpoint_url: format!("opc.tcp://127.0.0.1:{port}/twin/"),
+            dir: dir.to_owned(),
+        };
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            let stdout = std::fs::read_to_string(dir.join("asyncua.stdout")).unwrap_or_default();
+            if let Some(url) = stdout.lines().find_map(|l| l.trim().strip_prefix("READY ")) {
+                if url != server.endpoint_url {
+                    bail!(
+                        "the asyncua server is ready on {url}, expected {}\n{}",
+                        server.endpoint_url,
+                        server.output()
+                    );
+                }
+                return Ok(server);
+            }
+            if let Some(status) = server
+                .child
+                .try_wait()
+                .context("waiting for the asyncua server")?
+            {
+                bail!(
+                    "the asyncua server exited ({status}) before it was ready\n{}",
+                    server.output()
+                );
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let _ = server.child.kill().await;
+                bail!(
+                    "the asyncua server was not ready within {READY_TIMEOUT:?}\n{}",
+                    server.output()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `opc.tcp://127.0.0.1:PORT/twin/`.
+    pub fn endpoint_url(&self) -> &str {
+        &self.endpoint_url
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, self.port))
+    }
+
+    /// The server's certificate (DER), to put into the client's trust list.
+    pub fn server_cert_der_path(&self) -> PathBuf {
+        self.dir.join("server_cert.der")
+    }
+
+    /// What the server printed on stdout and stderr so far.
+    pub fn output(&self) -> String {
+        let read = |n: &str| std::fs::read_to_string(self.dir.join(n)).unwrap_or_default();
+        format!(
+            "stdout:\n{}\nstderr:\n{}",
+            read("asyncua.stdout"),
+            read("asyncua.stderr")
+        )
+    }
+
+    /// Stops the server with SIGTERM (SIGKILL after 5 s) and returns how it
+    /// exited.
+    pub async fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        if let Some(pid) = self.child.id().and_then(|p| libc::pid_t::try_from(p).ok()) {
+            // SAFETY: kill(2) with a pid we spawned and have not reaped yet
+            // (tokio reaps only through `child`), so it cannot name another process.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        match tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await {
+            Ok(status) => status.context("waiting for the asyncua server"),
+            Err(_) => {
+                let _ = self.child.kill().await;
+                bail!(
+                    "the asyncua server did not exit within 5 s of SIGTERM\n{}",
+                    self.output()
+                )
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,5 +406,58 @@ mod tests {
         }
         let u32_badc = server.point("hr_u32_badc").unwrap();
         assert_eq!(u32_badc.registers, [0x3412, 0x7856]);
+    }
+
+    /// OPC UA Hello (OPC 10000-6 7.1.2.3) for `url`, little-endian.
+    fn opcua_hello(url: &str) -> Vec<u8> {
+        let mut body = Vec::new();
+        for v in [0u32, 65535, 65535, 0, 0] {
+            body.extend_from_slice(&v.to_le_bytes());
+        }
+        body.extend_from_slice(&i32::try_from(url.len()).unwrap().to_le_bytes());
+        body.extend_from_slice(url.as_bytes());
+        let mut msg = b"HELF".to_vec();
+        msg.extend_from_slice(&u32::try_from(8 + body.len()).unwrap().to_le_bytes());
+        msg.extend_from_slice(&body);
+        msg
+    }
+
+    #[tokio::test]
+    async fn asyncua_peer_starts_and_answers_an_opcua_hello() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = AsyncuaServer::start(dir.path(), "operator", "peer-secret")
+            .await
+            .unwrap();
+        assert_eq!(
+            server.endpoint_url(),
+            format!("opc.tcp://127.0.0.1:{}/twin/", server.port())
+        );
+        let cert = std::fs::read(server.server_cert_der_path()).unwrap();
+        assert_eq!(cert[0], 0x30, "not DER\n{}", server.output());
+        let uri = ASYNCUA_APPLICATION_URI.as_bytes();
+        assert!(
+            cert.windows(uri.len()).any(|w| w == uri),
+            "the certificate lacks the application URI"
+        );
+
+        let mut tcp = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+        tcp.write_all(&opcua_hello(server.endpoint_url()))
+            .await
+            .unwrap();
+        let mut ack = [0u8; 28];
+        tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut ack))
+            .await
+            .expect("no Acknowledge within 5 s")
+            .unwrap_or_else(|e| panic!("reading the Acknowledge: {e}\n{}", server.output()));
+        assert_eq!(&ack[..4], b"ACKF", "{ack:02x?}\n{}", server.output());
+        drop(tcp);
+
+        let status = server.stop().await.unwrap();
+        assert!(
+            status.success(),
+            "the peer did not exit cleanly on SIGTERM: {status}\n{}",
+            server.output()
+        );
     }
 }

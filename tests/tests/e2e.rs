@@ -197,7 +197,9 @@ fn write_config(dir: &Path, text: &str, poll_ms: u64) -> anyhow::Result<Config> 
     std::fs::write(&path, text)?;
     let mut cfg = gateway::config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
     for d in &mut cfg.devices {
-        let DeviceConfig::Modbus(m) = d;
+        let DeviceConfig::Modbus(m) = d else {
+            continue;
+        };
         m.poll_interval = Duration::from_millis(poll_ms);
         m.request_timeout = Duration::from_millis(300);
         m.reconnect_min = Duration::from_millis(50);
@@ -829,3 +831,5 @@ mod commands;
 mod container;
 #[path = "e2e/faults.rs"]
 mod faults;
+#[path = "e2e/opcua.rs"]
+mod opc_ua;

@@ -108,9 +108,13 @@ pub fn parse_str(path_for_messages: &Path, text: &str) -> Result<Config, ConfigE
 #[derive(Debug, Clone, Copy)]
 enum Protocol {
     ModbusTcp,
+    OpcUa,
 }
 
-const PROTOCOLS: &[(&str, Protocol)] = &[("modbus-tcp", Protocol::ModbusTcp)];
+const PROTOCOLS: &[(&str, Protocol)] = &[
+    ("modbus-tcp", Protocol::ModbusTcp),
+    ("opcua", Protocol::OpcUa),
+];
 
 const AREAS: &[(&str, Area)] = &[
     ("coil", Area::Coil),
@@ -182,7 +186,7 @@ fn valid_name(s: &str, max: usize) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
-fn ms(n: u64) -> Duration {
+pub(super) fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
@@ -204,13 +208,13 @@ struct TagRead {
 }
 
 /// A tag's name as written, for the uniqueness check.
-struct NameSeen {
+pub(super) struct NameSeen {
     line: usize,
     device: String,
 }
 
-struct Loader<'a> {
-    r: Reader<'a>,
+pub(super) struct Loader<'a> {
+    pub(super) r: Reader<'a>,
     /// The config file's folder; relative paths are resolved against it.
     base: PathBuf,
     source: &'a Path,
@@ -555,7 +559,7 @@ impl Loader<'_> {
     }
 
     /// `reconnect_min_ms` and `reconnect_max_ms`, with min <= max.
-    fn reconnect(
+    pub(super) fn reconnect(
         &mut self,
         t: &Table<'_, '_>,
         default_min: u64,
@@ -589,7 +593,13 @@ impl Loader<'_> {
     }
 
     /// A required file path, resolved and checked.
-    fn file(&mut self, t: &Table<'_, '_>, key: &str, what: &str, private: bool) -> Option<PathBuf> {
+    pub(super) fn file(
+        &mut self,
+        t: &Table<'_, '_>,
+        key: &str,
+        what: &str,
+        private: bool,
+    ) -> Option<PathBuf> {
         let value = self.r.non_empty(t, key);
         let value = self
             .r
@@ -601,7 +611,7 @@ impl Loader<'_> {
         self.check_file(&span, what, &path, private).then_some(path)
     }
 
-    fn resolve(&self, p: &str) -> PathBuf {
+    pub(super) fn resolve(&self, p: &str) -> PathBuf {
         let p = Path::new(p);
         if p.is_absolute() {
             p.to_path_buf()
@@ -731,6 +741,9 @@ impl Loader<'_> {
                 Some(Protocol::ModbusTcp) => self
                     .modbus_device(&t, name.value(), &mut tag_names)
                     .map(DeviceConfig::Modbus),
+                Some(Protocol::OpcUa) => self
+                    .opcua_device(&t, name.value(), &mut tag_names)
+                    .map(DeviceConfig::OpcUa),
                 // The other keys depend on the protocol: nothing more to check.
                 None => None,
             };
@@ -845,32 +858,7 @@ impl Loader<'_> {
             };
             let read = self.tag(provisional, max_registers);
             if let Some(name) = &read.name {
-                let line = self.r.line(&name.span());
-                if let Some(first) = names.get(name.get_ref()) {
-                    let device_note = if first.device == device.name {
-                        String::new()
-                    } else {
-                        format!(", in {}", first.device)
-                    };
-                    self.r.error_help(
-                        &name.span(),
-                        format!(
-                            "duplicate tag name \"{}\" (first defined at line {}{device_note})",
-                            name.get_ref(),
-                            first.line
-                        ),
-                        Some("tag names are the keys of the twin and must be unique across all devices; rename one of the two tags"),
-                    );
-                    all_valid = false;
-                } else {
-                    names.insert(
-                        name.get_ref().clone(),
-                        NameSeen {
-                            line,
-                            device: device.name.clone(),
-                        },
-                    );
-                }
+                all_valid &= self.claim_name(name, device, names);
             }
             if let Some(c) = read.claim {
                 claims.push(c);
@@ -912,14 +900,61 @@ impl Loader<'_> {
         all_valid.then_some(tags)
     }
 
-    /// One tag, its name (for the uniqueness check) and its claim on the
-    /// register map (for the overlap check), each `None` when invalid.
-    fn tag(
+    /// Records a tag name; false (and reported) when another tag has it.
+    pub(super) fn claim_name(
         &mut self,
-        provisional: Table<'_, '_>,
-        max_registers: Option<(u16, Option<usize>)>,
-    ) -> TagRead {
-        let name = self.r.string(&provisional, "name").and_then(|n| {
+        name: &Spanned<String>,
+        device: &Table<'_, '_>,
+        names: &mut HashMap<String, NameSeen>,
+    ) -> bool {
+        let line = self.r.line(&name.span());
+        if let Some(first) = names.get(name.get_ref()) {
+            let device_note = if first.device == device.name {
+                String::new()
+            } else {
+                format!(", in {}", first.device)
+            };
+            self.r.error_help(
+                &name.span(),
+                format!(
+                    "duplicate tag name \"{}\" (first defined at line {}{device_note})",
+                    name.get_ref(),
+                    first.line
+                ),
+                Some("tag names are the keys of the twin and must be unique across all devices; rename one of the two tags"),
+            );
+            return false;
+        }
+        names.insert(
+            name.get_ref().clone(),
+            NameSeen {
+                line,
+                device: device.name.clone(),
+            },
+        );
+        true
+    }
+
+    /// A tag's name: valid, and not taken by another tag.
+    pub(super) fn tag_name(
+        &mut self,
+        t: &Table<'_, '_>,
+        device: &Table<'_, '_>,
+        names: &mut HashMap<String, NameSeen>,
+    ) -> Option<String> {
+        let name = self.valid_tag_name(t);
+        let name = self
+            .r
+            .required(t, "name", "\"tank1.level\"", name)
+            .valid()
+            .cloned()?;
+        self.claim_name(&name, device, names)
+            .then(|| name.into_inner())
+    }
+
+    /// The `name` key of a tag table, checked.
+    fn valid_tag_name(&mut self, t: &Table<'_, '_>) -> Field<String> {
+        self.r.string(t, "name").and_then(|n| {
             if valid_name(n.get_ref(), 128) {
                 Some(n.into_inner())
             } else {
@@ -930,7 +965,17 @@ impl Loader<'_> {
                 );
                 None
             }
-        });
+        })
+    }
+
+    /// One tag, its name (for the uniqueness check) and its claim on the
+    /// register map (for the overlap check), each `None` when invalid.
+    fn tag(
+        &mut self,
+        provisional: Table<'_, '_>,
+        max_registers: Option<(u16, Option<usize>)>,
+    ) -> TagRead {
+        let name = self.valid_tag_name(&provisional);
         let name = self
             .r
             .required(&provisional, "name", "\"tank1.level\"", name);

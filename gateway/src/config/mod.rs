@@ -20,6 +20,7 @@ pub use model::*;
 
 mod errors;
 mod load;
+mod opcua;
 mod position;
 pub(crate) mod read;
 mod registers;

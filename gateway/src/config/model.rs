@@ -107,7 +107,7 @@ impl Default for OutboxConfig {
 pub struct GatewayConfig {
     /// Gateway id: 1-64 characters of `A-Z a-z 0-9 _ - .`; the MQTT topic level.
     pub id: String,
-    /// Durable state: sequence numbers, twin version (later: outbox, audit, replay store).
+    /// Durable state: chain position, outbox, replay store and (by default) the audit log.
     pub data_dir: PathBuf,
 }
 
@@ -161,12 +161,14 @@ pub struct MqttConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub enum DeviceConfig {
     Modbus(ModbusDeviceConfig),
+    OpcUa(OpcUaDeviceConfig),
 }
 
 impl DeviceConfig {
     pub fn name(&self) -> &str {
         match self {
             DeviceConfig::Modbus(d) => &d.name,
+            DeviceConfig::OpcUa(d) => &d.name,
         }
     }
 
@@ -174,20 +176,161 @@ impl DeviceConfig {
     pub fn tag_names(&self) -> Vec<&str> {
         match self {
             DeviceConfig::Modbus(d) => d.tags.iter().map(|t| t.name.as_str()).collect(),
+            DeviceConfig::OpcUa(d) => d.tags.iter().map(|t| t.name.as_str()).collect(),
         }
     }
 
     pub fn tag_count(&self) -> usize {
         match self {
             DeviceConfig::Modbus(d) => d.tags.len(),
+            DeviceConfig::OpcUa(d) => d.tags.len(),
         }
     }
 
     pub fn writable_count(&self) -> usize {
         match self {
             DeviceConfig::Modbus(d) => d.tags.iter().filter(|t| t.writable).count(),
+            DeviceConfig::OpcUa(d) => d.tags.iter().filter(|t| t.writable).count(),
         }
     }
+
+    /// Tags with their engineering units.
+    pub fn units(&self) -> Vec<(&str, &str)> {
+        match self {
+            DeviceConfig::Modbus(d) => d
+                .tags
+                .iter()
+                .filter_map(|t| Some((t.name.as_str(), t.unit.as_deref()?)))
+                .collect(),
+            DeviceConfig::OpcUa(d) => d
+                .tags
+                .iter()
+                .filter_map(|t| Some((t.name.as_str(), t.unit.as_deref()?)))
+                .collect(),
+        }
+    }
+
+    /// How often the device is read (OPC UA: the sampling interval).
+    pub fn poll_interval(&self) -> Duration {
+        match self {
+            DeviceConfig::Modbus(d) => d.poll_interval,
+            DeviceConfig::OpcUa(d) => d.sampling_interval,
+        }
+    }
+}
+
+/// OPC UA message security policies the gateway offers. Basic128Rsa15 and
+/// Basic256 are deprecated and never used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpcUaPolicy {
+    Basic256Sha256,
+    Aes128Sha256RsaOaep,
+    Aes256Sha256RsaPss,
+    /// No security: only with `allow_security_none = true`.
+    None,
+}
+
+impl OpcUaPolicy {
+    /// The name as written in the configuration and in the standard.
+    pub fn name(self) -> &'static str {
+        match self {
+            OpcUaPolicy::Basic256Sha256 => "Basic256Sha256",
+            OpcUaPolicy::Aes128Sha256RsaOaep => "Aes128_Sha256_RsaOaep",
+            OpcUaPolicy::Aes256Sha256RsaPss => "Aes256_Sha256_RsaPss",
+            OpcUaPolicy::None => "None",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpcUaMode {
+    Sign,
+    SignAndEncrypt,
+}
+
+/// How the gateway logs in to an OPC UA server.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OpcUaIdentity {
+    Anonymous,
+    /// User name; the password is read from a file (mode 0600), never
+    /// written in the configuration.
+    UserName {
+        user: String,
+        password_file: PathBuf,
+    },
+    /// X.509 user certificate (DER or PEM) and its private key (mode 0600).
+    X509 {
+        cert_file: PathBuf,
+        key_file: PathBuf,
+    },
+}
+
+/// How values are obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpcUaRead {
+    /// Monitored items in one subscription (default).
+    Subscribe,
+    /// The Read service every `sampling_interval_ms`.
+    Poll,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpcUaDeviceConfig {
+    pub name: String,
+    /// `opc.tcp://host:port/path`.
+    pub endpoint_url: String,
+    /// `None`: the most secure of the allowed policies the server offers.
+    pub security_policy: Option<OpcUaPolicy>,
+    pub security_mode: OpcUaMode,
+    /// The named insecure setting: accept an endpoint without security.
+    pub allow_security_none: bool,
+    /// The client's PKI folder: `trusted/` (server certificates an engineer
+    /// approved) and `rejected/` (certificates refused, for review).
+    pub pki_dir: PathBuf,
+    /// The gateway's application instance certificate (DER) and key (PEM, 0600).
+    pub certificate_file: PathBuf,
+    pub private_key_file: PathBuf,
+    /// The application URI in the certificate.
+    pub application_uri: String,
+    pub identity: OpcUaIdentity,
+    pub read: OpcUaRead,
+    pub publishing_interval: Duration,
+    pub sampling_interval: Duration,
+    pub queue_size: u32,
+    /// Absolute deadband on numeric values (0: every change).
+    pub deadband: f64,
+    pub request_timeout: Duration,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    pub tags: Vec<OpcUaTag>,
+}
+
+/// The value type of an OPC UA tag (the node's DataType).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpcUaType {
+    Bool,
+    SByte,
+    Byte,
+    Int16,
+    UInt16,
+    Int32,
+    UInt32,
+    Int64,
+    UInt64,
+    Float,
+    Double,
+    String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpcUaTag {
+    /// Unique across the gateway; the key in the twin.
+    pub name: String,
+    /// The node, e.g. `ns=2;s=Tank1.Level` or `nsu=urn:plant;s=Tank1.Level`.
+    pub node_id: String,
+    pub data_type: OpcUaType,
+    pub unit: Option<String>,
+    pub writable: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -206,7 +206,9 @@ fn the_example_config_loads_without_errors_with_the_16_tank_tags() {
     assert!(cfg.mqtt.tls.cert_file.ends_with("pki/gateway.crt.pem"));
     assert!(cfg.mqtt.tls.key_file.ends_with("pki/gateway.key.pem"));
     assert_eq!(cfg.devices.len(), 1);
-    let DeviceConfig::Modbus(plc) = &cfg.devices[0];
+    let DeviceConfig::Modbus(plc) = &cfg.devices[0] else {
+        panic!("a Modbus device")
+    };
     assert_eq!(plc.name, "plc1");
     assert_eq!(plc.address, "127.0.0.1:5020");
     assert_eq!(plc.unit_id, 1);
@@ -270,7 +272,9 @@ fn register_map() -> Vec<ModbusTag> {
 #[test]
 fn the_example_config_reads_exactly_the_documented_register_map() {
     let cfg = load_example();
-    let DeviceConfig::Modbus(plc) = &cfg.devices[0];
+    let DeviceConfig::Modbus(plc) = &cfg.devices[0] else {
+        panic!("a Modbus device")
+    };
     let documented = register_map();
     assert_eq!(documented.len(), 16);
     assert_eq!(plc.tags, documented);
@@ -319,7 +323,9 @@ type = "i16"
     assert_eq!(m.reconnect_max, Duration::from_millis(30_000));
     assert_eq!(m.tls.min_version, TlsVersion::Tls13);
     assert_eq!(m.tls.server_name, None);
-    let DeviceConfig::Modbus(d) = &cfg.devices[0];
+    let DeviceConfig::Modbus(d) = &cfg.devices[0] else {
+        panic!("a Modbus device")
+    };
     assert_eq!(d.unit_id, 1);
     assert_eq!(d.poll_interval, Duration::from_millis(1000));
     assert_eq!(d.request_timeout, Duration::from_millis(1000));

@@ -14,6 +14,7 @@
 //! answers with a [`WriteReport`] or a [`WriteFailure`].
 
 pub mod modbus;
+pub mod opcua;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -87,6 +88,34 @@ impl WriteFailure {
             readback: None,
         }
     }
+}
+
+/// The configured tag a permit names on `device`, if it may be written:
+/// defence in depth behind the policy, which already checked both.
+pub fn writable_tag<'a, T>(
+    device: &str,
+    tags: &'a [T],
+    permit: &WritePermit,
+    name_and_writable: impl Fn(&T) -> (&str, bool),
+) -> Result<&'a T, WriteFailure> {
+    let Some(tag) = tags.iter().find(|t| name_and_writable(t).0 == permit.tag()) else {
+        return Err(WriteFailure::new(
+            write_code::UNKNOWN_TAG,
+            format!("device `{device}` has no tag `{}`", permit.tag()),
+            false,
+        ));
+    };
+    if !name_and_writable(tag).1 {
+        return Err(WriteFailure::new(
+            write_code::READ_ONLY_TAG,
+            format!(
+                "tag `{}` is not writable in the device configuration",
+                permit.tag()
+            ),
+            false,
+        ));
+    }
+    Ok(tag)
 }
 
 /// Stable codes of [`WriteFailure`].

@@ -212,6 +212,41 @@ pub(crate) struct TagInfo {
 }
 
 impl TagInfo {
+    fn from_opcua(t: &crate::config::OpcUaTag) -> Self {
+        use crate::config::OpcUaType as T;
+        let int = |lo: f64, hi: f64| TagKind::Number {
+            raw: Some((lo, hi)),
+            float_max: f64::MAX,
+            scale: 1.0,
+            offset: 0.0,
+        };
+        let float = |max: f64| TagKind::Number {
+            raw: None,
+            float_max: max,
+            scale: 1.0,
+            offset: 0.0,
+        };
+        let kind = match t.data_type {
+            T::Bool => TagKind::Bool,
+            T::SByte => int(f64::from(i8::MIN), f64::from(i8::MAX)),
+            T::Byte => int(0.0, f64::from(u8::MAX)),
+            T::Int16 => int(f64::from(i16::MIN), f64::from(i16::MAX)),
+            T::UInt16 => int(0.0, f64::from(u16::MAX)),
+            T::Int32 => int(f64::from(i32::MIN), f64::from(i32::MAX)),
+            T::UInt32 => int(0.0, f64::from(u32::MAX)),
+            T::Int64 => int(i64::MIN as f64, i64::MAX as f64),
+            T::UInt64 => int(0.0, u64::MAX as f64),
+            T::Float => float(f64::from(f32::MAX)),
+            T::Double => float(f64::MAX),
+            T::String => TagKind::Text { max_bytes: 65_535 },
+        };
+        TagInfo {
+            writable: t.writable,
+            kind,
+            unit: t.unit.clone(),
+        }
+    }
+
     fn from_modbus(t: &ModbusTag) -> Self {
         let scale = t.scale.unwrap_or(1.0);
         let offset = t.offset.unwrap_or(0.0);
@@ -260,6 +295,11 @@ impl TagInfo {
                 DeviceConfig::Modbus(m) => {
                     for t in &m.tags {
                         out.insert(t.name.clone(), TagInfo::from_modbus(t));
+                    }
+                }
+                DeviceConfig::OpcUa(o) => {
+                    for t in &o.tags {
+                        out.insert(t.name.clone(), TagInfo::from_opcua(t));
                     }
                 }
             }

@@ -273,29 +273,10 @@ impl Owner {
         permit: WritePermit,
         expect: Option<Value>,
     ) -> Result<(WriteReport, Sample), WriteFailure> {
-        let Some(tag) = self
-            .cfg
-            .tags
-            .iter()
-            .find(|t| t.name == permit.tag())
-            .cloned()
-        else {
-            return Err(WriteFailure::new(
-                write_code::UNKNOWN_TAG,
-                format!("device `{}` has no tag `{}`", self.cfg.name, permit.tag()),
-                false,
-            ));
-        };
-        if !tag.writable {
-            return Err(WriteFailure::new(
-                write_code::READ_ONLY_TAG,
-                format!(
-                    "tag `{}` is not writable in the device configuration",
-                    tag.name
-                ),
-                false,
-            ));
-        }
+        let tag = crate::device::writable_tag(&self.cfg.name, &self.cfg.tags, &permit, |t| {
+            (t.name.as_str(), t.writable)
+        })?
+        .clone();
         let encoded = codec::encode(&tag, permit.value())
             .map_err(|e| WriteFailure::new(write_code::ENCODE_ERROR, e.to_string(), false))?;
         let Some(link) = self.link.as_mut() else {

@@ -1,0 +1,499 @@
+//! OPC UA devices end to end: the gateway's client against the in-repo
+//! simulator (async-opcua server) with Basic256Sha256 SignAndEncrypt and a
+//! user name login, the values verified at the twin, commands written to
+//! nodes under the policy, counted at the server.
+
+use super::*;
+use gateway::command_auth::{mint_command, Algorithm, OperatorKey};
+use opcua::types::Variant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use twin_model::command::{CommandBody, CommandClaims};
+use twin_model::jws::{b64url, sha256};
+use twin_model::result::{CommandResult, Status, RESULT_TYP};
+use twin_testkit::opcua_sim::{OpcUaSim, OpcUaSimOptions, SimSecurity};
+
+const NS: &str = "nsu=urn:twin-gateway:opcua-sim;s=";
+
+static JTI: AtomicU64 = AtomicU64::new(1);
+
+/// The tags of the simulator: name, node, type, writable.
+fn sim_tags() -> Vec<(&'static str, &'static str, &'static str, bool)> {
+    vec![
+        ("opc.bool", "Types.Boolean", "bool", false),
+        ("opc.sbyte", "Types.SByte", "sbyte", false),
+        ("opc.byte", "Types.Byte", "byte", false),
+        ("opc.int16", "Types.Int16", "int16", false),
+        ("opc.uint16", "Types.UInt16", "uint16", false),
+        ("opc.int32", "Types.Int32", "int32", false),
+        ("opc.uint32", "Types.UInt32", "uint32", false),
+        ("opc.int64", "Types.Int64", "int64", false),
+        ("opc.uint64", "Types.UInt64", "uint64", false),
+        ("opc.float", "Types.Float", "float", false),
+        ("opc.double", "Types.Double", "double", false),
+        ("opc.string", "Types.String", "string", false),
+        ("opc.level", "Tank1.Level", "double", false),
+        ("opc.counter", "Tank1.Counter", "uint32", false),
+        ("opc.setpoint", "Tank1.Setpoint", "double", true),
+        ("opc.mode", "Tank1.Mode", "uint16", true),
+    ]
+}
+
+struct OpcSetup {
+    pki: TestPki,
+    broker: Mosquitto,
+    sim: OpcUaSim,
+    idp: OperatorKey,
+    cfg: Config,
+}
+
+/// The gateway's side: its OPC UA client certificate and (empty) trust
+/// list, the password file, an operator key and the policy. Returns the
+/// application URI and the operator key.
+fn gateway_files(root: &Path, password: &str) -> anyhow::Result<(String, OperatorKey)> {
+    let opc = root.join("pki/opcua");
+    for d in ["own", "private", "trusted", "rejected"] {
+        std::fs::create_dir_all(opc.join(d))?;
+    }
+    let uri = gateway::pki::opcua_application_uri(GW);
+    let (der, key) = gateway::pki::opcua_application_cert(
+        &uri,
+        &["localhost".to_string()],
+        gateway::pki::Validity::days(30),
+    )?;
+    std::fs::write(opc.join("own/cert.der"), der)?;
+    gateway::keyfile::write_private(&opc.join("private/private.pem"), &key)?;
+    gateway::keyfile::write_private(&root.join("opc.password"), password)?;
+    let idp = OperatorKey::generate(Algorithm::EdDSA)?;
+    std::fs::create_dir_all(root.join("operators"))?;
+    std::fs::write(root.join("operators/idp.pem"), idp.public_key_pem())?;
+    std::fs::create_dir_all(root.join("policies"))?;
+    std::fs::write(
+        root.join("policies/opc.toml"),
+        r#"[policy]
+mode = "enforce"
+[[roles]]
+name = "operator"
+subjects = ["alice"]
+[[rules]]
+id = "opc-setpoint"
+roles = ["operator"]
+tags = ["opc.setpoint"]
+min = 0.0
+max = 10.0
+"#,
+    )?;
+    Ok((uri, idp))
+}
+
+/// A configuration with one OPC UA device at `url` with `tags` (name, node
+/// id, type, writable).
+fn opc_config(
+    root: &Path,
+    broker_port: u16,
+    url: &str,
+    uri: &str,
+    tags: &[(&str, String, &str, bool)],
+    device_extra: &str,
+) -> anyhow::Result<Config> {
+    let mut tag_text = String::new();
+    for (name, node, ty, writable) in tags {
+        tag_text.push_str(&format!(
+            "[[devices.tags]]\nname = \"{name}\"\nnode_id = \"{node}\"\ntype = \"{ty}\"\nwritable = {writable}\n"
+        ));
+    }
+    let text = format!(
+        r#"[gateway]
+id = "{GW}"
+data_dir = "data"
+[signing]
+key_file = "pki/gateway-signing.key.pem"
+[mqtt]
+host = "127.0.0.1"
+port = {broker_port}
+reported_interval_ms = 100
+[mqtt.tls]
+ca_file = "pki/ca.crt.pem"
+cert_file = "pki/gateway.crt.pem"
+key_file = "pki/gateway.key.pem"
+[commands]
+policy_dir = "policies"
+operator_keys_dir = "operators"
+issuer = "plant-ops"
+
+[[devices]]
+name = "opc-sim"
+protocol = "opcua"
+endpoint_url = "{url}"
+certificate_file = "pki/opcua/own/cert.der"
+private_key_file = "pki/opcua/private/private.pem"
+application_uri = "{uri}"
+user = "gateway"
+password_file = "opc.password"
+sampling_interval_ms = 50
+publishing_interval_ms = 100
+reconnect_min_ms = 200
+reconnect_max_ms = 1000
+{device_extra}
+{tag_text}"#
+    );
+    let path = root.join("gateway.toml");
+    std::fs::write(&path, text)?;
+    gateway::config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// The simulator, the broker and a gateway configuration for them.
+async fn opc_setup(
+    security: SimSecurity,
+    trust: bool,
+    password: &str,
+    device_extra: &str,
+) -> anyhow::Result<OpcSetup> {
+    let pki = TestPki::new(GW)?;
+    let broker = Mosquitto::start(&pki, BrokerOptions::default()).await?;
+    let root = pki.root().to_path_buf();
+    let sim = OpcUaSim::start(
+        OpcUaSimOptions::new(root.join("sim-pki"))
+            .user("gateway", "s3cret-pass")
+            .security(security),
+    )
+    .await?;
+    let (uri, idp) = gateway_files(&root, password)?;
+    if trust {
+        sim.install_trust(&root.join("pki/opcua/trusted"))?;
+    }
+    let tags: Vec<_> = sim_tags()
+        .into_iter()
+        .map(|(n, node, ty, w)| (n, format!("{NS}{node}"), ty, w))
+        .collect();
+    let cfg = opc_config(
+        &root,
+        broker.port(),
+        &sim.endpoint_url(),
+        &uri,
+        &tags,
+        device_extra,
+    )?;
+    Ok(OpcSetup {
+        pki,
+        broker,
+        sim,
+        idp,
+        cfg,
+    })
+}
+
+fn command(key: &OperatorKey, tag: &str, value: Value) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs();
+    mint_command(
+        key,
+        &CommandClaims {
+            iss: "plant-ops".into(),
+            sub: "alice".into(),
+            aud: GW.into(),
+            iat: now,
+            nbf: now,
+            exp: now + 120,
+            jti: format!("opc-{now}-{}", JTI.fetch_add(1, Ordering::Relaxed)),
+            roles: Vec::new(),
+            amr: vec!["pwd".into()],
+            cmd: CommandBody {
+                tag: tag.into(),
+                value,
+                expect: None,
+            },
+        },
+    )
+}
+
+/// Publishes a command and returns its verified result.
+async fn send(
+    s: &OpcSetup,
+    client: &AsyncClient,
+    results: &mut Subscriber,
+    token: String,
+) -> anyhow::Result<CommandResult> {
+    let digest = b64url(&sha256(token.as_bytes()));
+    client
+        .publish(format!("twin/{GW}/command"), QoS::AtLeastOnce, false, token)
+        .await?;
+    let mut trust = TrustStore::new();
+    trust.add_pem(&std::fs::read_to_string(&s.pki.gateway_signing_pub)?)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, payload) = tokio::time::timeout_at(deadline, results.rx.recv())
+            .await
+            .context("no result within 10 s")?
+            .context("subscriber gone")?;
+        let v = trust
+            .verify_compact(&payload, RESULT_TYP, 1 << 20)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let r: CommandResult = serde_json::from_slice(&v.payload)?;
+        if r.message_sha256 == digest {
+            return Ok(r);
+        }
+    }
+}
+
+fn good(t: &Twin, tag: &str) -> Option<Value> {
+    t.tag(tag)
+        .filter(|v| v.quality == Quality::Good)
+        .and_then(|v| v.value)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn opcua_values_arrive_typed_by_subscription_and_only_permitted_writes_reach_the_server(
+) -> anyhow::Result<()> {
+    init();
+    let s = opc_setup(SimSecurity::Secure, true, "s3cret-pass\n", "").await?;
+    let mut twin = Twin::start(&s.broker, &s.pki, 64).await?;
+    let gw = gateway::run::start(s.cfg.clone()).await?;
+
+    let all_good = twin
+        .until(Duration::from_secs(20), "every OPC UA tag good", |t| {
+            sim_tags().iter().all(|(name, ..)| good(t, name).is_some())
+        })
+        .await;
+    if let Err(e) = all_good {
+        let states: Vec<_> = sim_tags()
+            .iter()
+            .map(|(name, ..)| (name.to_string(), twin.tag(name)))
+            .filter(|(_, v)| v.as_ref().is_none_or(|v| v.quality != Quality::Good))
+            .collect();
+        bail!("{e}; not good: {states:?}");
+    }
+    let expected = [
+        ("opc.bool", Value::Bool(true)),
+        ("opc.sbyte", Value::Int(-5)),
+        ("opc.byte", Value::UInt(200)),
+        ("opc.int16", Value::Int(-1234)),
+        ("opc.uint16", Value::UInt(54321)),
+        ("opc.int32", Value::Int(-123456)),
+        ("opc.uint32", Value::UInt(3_000_000_000)),
+        ("opc.int64", Value::Int(-9_000_000_000)),
+        ("opc.uint64", Value::UInt(18_000_000_000_000_000_000)),
+        ("opc.float", Value::Float(2.5)),
+        ("opc.string", Value::Text("batch-42".into())),
+        ("opc.setpoint", Value::Float(2.5)),
+    ];
+    for (tag, v) in expected {
+        assert_eq!(good(&twin, tag), Some(v), "{tag}");
+    }
+    // Subscriptions deliver changes.
+    let first = good(&twin, "opc.counter");
+    twin.until(Duration::from_secs(10), "the counter moves", |t| {
+        good(t, "opc.counter") != first
+    })
+    .await?;
+
+    // Commands: permitted reaches the node, denied never does.
+    let mut results = Subscriber::start(
+        &s.broker,
+        &s.pki,
+        "opc-results",
+        Identity::Operator,
+        &format!("twin/{GW}/result"),
+    )
+    .await?;
+    let opts = s
+        .broker
+        .client_options(&s.pki, "opc-operator", Identity::Operator)?;
+    let (client, mut events) = AsyncClient::new(opts, 16);
+    let poller = tokio::spawn(async move { while events.poll().await.is_ok() {} });
+
+    let r = send(
+        &s,
+        &client,
+        &mut results,
+        command(&s.idp, "opc.setpoint", Value::Float(3.5)),
+    )
+    .await?;
+    assert_eq!(
+        (r.status, r.readback.clone()),
+        (Status::Applied, Some(Value::Float(3.5))),
+        "{r:?}"
+    );
+    assert_eq!(s.sim.value("Tank1.Setpoint"), Some(Variant::Double(3.5)));
+    assert_eq!(s.sim.write_count(), 1);
+
+    let r = send(
+        &s,
+        &client,
+        &mut results,
+        command(&s.idp, "opc.setpoint", Value::Float(50.0)),
+    )
+    .await?;
+    assert_eq!(
+        (r.status, r.code.as_deref()),
+        (Status::Denied, Some("out_of_bounds")),
+        "{r:?}"
+    );
+    let r = send(
+        &s,
+        &client,
+        &mut results,
+        command(&s.idp, "opc.mode", Value::Int(1)),
+    )
+    .await?;
+    assert_eq!(
+        (r.status, r.code.as_deref()),
+        (Status::Denied, Some("no_rule")),
+        "{r:?}"
+    );
+    let r = send(
+        &s,
+        &client,
+        &mut results,
+        command(&s.idp, "opc.level", Value::Float(1.0)),
+    )
+    .await?;
+    assert_eq!(
+        (r.status, r.code.as_deref()),
+        (Status::Denied, Some("read_only_tag")),
+        "{r:?}"
+    );
+    assert_eq!(
+        s.sim.write_count(),
+        1,
+        "denied commands never reach the server"
+    );
+
+    // Recovery: the server goes away and comes back; the gap is quality.
+    s.sim.stop().await;
+    twin.until(
+        Duration::from_secs(20),
+        "bad quality while the server is down",
+        |t| {
+            t.tag("opc.counter")
+                .is_some_and(|v| v.quality == Quality::Bad)
+        },
+    )
+    .await?;
+    s.sim.restart().await?;
+    let before = good(&twin, "opc.counter");
+    twin.until(
+        Duration::from_secs(30),
+        "values again after the restart",
+        |t| good(t, "opc.counter").is_some_and(|v| Some(v) != before),
+    )
+    .await?;
+    assert!(twin.rejections().is_empty(), "{:?}", twin.rejections());
+    poller.abort();
+    gw.stop().await;
+    s.sim.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_untrusted_server_certificate_is_refused_and_kept_for_review() -> anyhow::Result<()> {
+    init();
+    let s = opc_setup(SimSecurity::Secure, false, "s3cret-pass", "").await?;
+    let mut twin = Twin::start(&s.broker, &s.pki, 64).await?;
+    let gw = gateway::run::start(s.cfg.clone()).await?;
+    twin.until(Duration::from_secs(20), "bad quality, not silence", |t| {
+        t.tag("opc.int32")
+            .is_some_and(|v| v.quality == Quality::Bad)
+    })
+    .await?;
+    let rejected = s.pki.root().join("pki/opcua/rejected");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_dir(&rejected)?.next().is_none() {
+        if Instant::now() > deadline {
+            bail!(
+                "the server certificate was not stored in {}",
+                rejected.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        good(&twin, "opc.int32").is_none(),
+        "no value from an untrusted server"
+    );
+    gw.stop().await;
+    s.sim.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_server_offering_only_weak_security_or_refusing_the_login_gives_no_values(
+) -> anyhow::Result<()> {
+    init();
+    for (security, password, what) in [
+        (SimSecurity::NoneOnly, "s3cret-pass", "only security None"),
+        (SimSecurity::Basic256Only, "s3cret-pass", "only Basic256"),
+        (SimSecurity::Secure, "wrong-password", "a wrong password"),
+    ] {
+        let s = opc_setup(security, true, password, "").await?;
+        let mut twin = Twin::start(&s.broker, &s.pki, 64).await?;
+        let gw = gateway::run::start(s.cfg.clone()).await?;
+        twin.until(Duration::from_secs(20), what, |t| {
+            t.tag("opc.int32")
+                .is_some_and(|v| v.quality == Quality::Bad)
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(good(&twin, "opc.int32").is_none(), "{what}: no value");
+        gw.stop().await;
+        s.sim.stop().await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_independent_server_python_asyncua_with_basic256sha256_and_a_login_is_read_by_subscription(
+) -> anyhow::Result<()> {
+    init();
+    let pki = TestPki::new(GW)?;
+    let broker = Mosquitto::start(&pki, BrokerOptions::default()).await?;
+    let root = pki.root().to_path_buf();
+    let peer_dir = root.join("asyncua");
+    std::fs::create_dir_all(&peer_dir)?;
+    let peer =
+        twin_testkit::python::AsyncuaServer::start(&peer_dir, "gateway", "peer-pass").await?;
+    let (uri, _) = gateway_files(&root, "peer-pass")?;
+    let der = std::fs::read(peer.server_cert_der_path())?;
+    let cert = opcua::crypto::X509::from_der(&der).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    std::fs::write(
+        root.join("pki/opcua/trusted")
+            .join(opcua::crypto::CertificateStore::cert_file_name(&cert)),
+        &der,
+    )?;
+    let ns = "nsu=urn:twin-gateway:asyncua-peer;s=";
+    let tags = [
+        ("peer.double", format!("{ns}Peer.Double"), "double", false),
+        ("peer.int32", format!("{ns}Peer.Int32"), "int32", false),
+        ("peer.uint16", format!("{ns}Peer.UInt16"), "uint16", false),
+        ("peer.bool", format!("{ns}Peer.Bool"), "bool", false),
+        ("peer.string", format!("{ns}Peer.String"), "string", false),
+    ];
+    let cfg = opc_config(
+        &root,
+        broker.port(),
+        peer.endpoint_url(),
+        &uri,
+        &tags,
+        "security_policy = \"Basic256Sha256\"",
+    )?;
+    let mut twin = Twin::start(&broker, &pki, 64).await?;
+    let gw = gateway::run::start(cfg).await?;
+    twin.until(Duration::from_secs(30), "the peer's values", |t| {
+        tags.iter().all(|(name, ..)| good(t, name).is_some())
+    })
+    .await?;
+    assert_eq!(good(&twin, "peer.int32"), Some(Value::Int(-42)));
+    assert_eq!(good(&twin, "peer.uint16"), Some(Value::UInt(7)));
+    assert_eq!(good(&twin, "peer.bool"), Some(Value::Bool(true)));
+    assert_eq!(good(&twin, "peer.string"), Some(Value::Text("peer".into())));
+    let first = good(&twin, "peer.double");
+    twin.until(Duration::from_secs(10), "a change by subscription", |t| {
+        good(t, "peer.double").is_some_and(|v| Some(v) != first)
+    })
+    .await?;
+    assert!(twin.rejections().is_empty(), "{:?}", twin.rejections());
+    gw.stop().await;
+    drop(peer);
+    Ok(())
+}
