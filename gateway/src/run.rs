@@ -11,7 +11,8 @@
 
 use crate::config::{Config, DeviceConfig};
 use crate::device::{
-    modbus::ModbusDriver, opcua::OpcUaDriver, DeviceContext, DeviceEvent, Writers, WRITE_QUEUE,
+    modbus::ModbusDriver, opcua::OpcUaDriver, DeviceContext, DeviceEvent, Notices, Writers,
+    WRITE_QUEUE,
 };
 use crate::downlink::{
     current::CurrentTable, limit::Bucket, receive, Downlink, DownlinkParts, DownlinkStats,
@@ -169,6 +170,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<GatewayHandle> {
         .commands
         .as_ref()
         .map(|_| Arc::new(CurrentTable::default()));
+    let (notice_tx, notice_rx) = mpsc::unbounded_channel();
+    let notices = Notices::new(notice_tx);
     let mut writers = Writers::default();
     let mut write_queues = Vec::new();
     for dev in &cfg.devices {
@@ -183,6 +186,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<GatewayHandle> {
         out: events_tx,
         current: current.clone().unwrap_or_default(),
         writers,
+        notices: notice_rx,
         audit_options: crate::audit::AuditOptions {
             checkpoint_every_records: cfg.audit.checkpoint_records,
             checkpoint_interval_ms: cfg.audit.checkpoint_interval.as_millis() as u64,
@@ -226,6 +230,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<GatewayHandle> {
             shutdown: stop_devices.clone(),
             out: dev_tx.clone(),
             writes,
+            notices: notices.clone(),
         };
         let name = format!("device {}", dev.name());
         let handle = match dev.clone() {

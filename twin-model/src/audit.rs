@@ -86,6 +86,7 @@ pub enum Kind {
     CommandOutcome,
     CommandsDropped,
     ShadowDifference,
+    DeviceSecurity,
 }
 
 impl Kind {
@@ -103,6 +104,7 @@ impl Kind {
             Kind::CommandOutcome => "command_outcome",
             Kind::CommandsDropped => "commands_dropped",
             Kind::ShadowDifference => "shadow_difference",
+            Kind::DeviceSecurity => "device_security",
         }
     }
 }
@@ -191,6 +193,19 @@ pub struct ShadowDifference {
     pub candidate_rule: Option<String>,
     /// Where the candidate policy was read from.
     pub candidate_source: String,
+}
+
+/// `device_security`: a device connection refused or weakened for a
+/// security reason (an untrusted or expired server certificate, no
+/// acceptable security policy, a refused login, security None allowed by
+/// configuration). Recorded when the condition starts, not at every retry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSecurity {
+    pub device: String,
+    /// Stable code, e.g. `opcua_untrusted_certificate`.
+    pub code: String,
+    pub detail: String,
 }
 
 /// `policy_loaded`: a policy now in force.
@@ -335,6 +350,7 @@ pub enum Event {
     CommandOutcome(CommandOutcome),
     CommandsDropped(CommandsDropped),
     ShadowDifference(ShadowDifference),
+    DeviceSecurity(DeviceSecurity),
 }
 
 impl Event {
@@ -351,6 +367,7 @@ impl Event {
             Event::CommandOutcome(_) => Kind::CommandOutcome,
             Event::CommandsDropped(_) => Kind::CommandsDropped,
             Event::ShadowDifference(_) => Kind::ShadowDifference,
+            Event::DeviceSecurity(_) => Kind::DeviceSecurity,
         }
     }
 }
@@ -424,6 +441,7 @@ pub fn parse_line(line: &[u8]) -> Result<Record, LineError> {
         Kind::CommandOutcome => Event::CommandOutcome(event_of(line)?),
         Kind::CommandsDropped => Event::CommandsDropped(event_of(line)?),
         Kind::ShadowDifference => Event::ShadowDifference(event_of(line)?),
+        Kind::DeviceSecurity => Event::DeviceSecurity(event_of(line)?),
     };
     Ok(Record {
         n: head.n,

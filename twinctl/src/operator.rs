@@ -1084,6 +1084,7 @@ pub fn describe_record(rec: &Record) -> String {
             a.detail
         ),
         Event::CommandsDropped(d) => format!("dropped:{} count={}", d.code, d.count),
+        Event::DeviceSecurity(d) => format!("device {} {}: {}", d.device, d.code, d.detail),
         Event::ShadowDifference(d) => format!(
             "cmd={} {} enforced={} candidate={}",
             d.command_id, d.tag, d.enforced, d.candidate

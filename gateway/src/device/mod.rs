@@ -45,6 +45,38 @@ pub struct DeviceContext {
     /// Write requests for this device's tags (never closed by the sender
     /// while the gateway runs; a driver without writable tags still drains it).
     pub writes: mpsc::Receiver<WriteRequest>,
+    /// Where security findings go (to the audit log).
+    pub notices: Notices,
+}
+
+/// A security finding of a device connection, for the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceNotice {
+    pub device: String,
+    /// Stable code, e.g. `opcua_untrusted_certificate`.
+    pub code: &'static str,
+    pub detail: String,
+}
+
+/// The sending side of device notices; a driver reports a condition when
+/// it starts, not at every retry.
+#[derive(Debug, Clone, Default)]
+pub struct Notices(Option<mpsc::UnboundedSender<DeviceNotice>>);
+
+impl Notices {
+    pub fn new(tx: mpsc::UnboundedSender<DeviceNotice>) -> Self {
+        Notices(Some(tx))
+    }
+
+    pub fn report(&self, device: &str, code: &'static str, detail: impl Into<String>) {
+        if let Some(tx) = &self.0 {
+            let _ = tx.send(DeviceNotice {
+                device: device.to_owned(),
+                code,
+                detail: detail.into(),
+            });
+        }
+    }
 }
 
 /// One permitted write, on its way to the device that holds the tag.

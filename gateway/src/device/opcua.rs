@@ -368,9 +368,25 @@ impl OpcUaDriver {
             shutdown,
             out,
             mut writes,
+            notices,
         } = ctx;
+        let mut last_notice: Option<&'static str> = None;
+        let mut notice = |code: &'static str, detail: String| {
+            if last_notice != Some(code) {
+                notices.report(&self.cfg.name, code, detail);
+                last_notice = Some(code);
+            }
+        };
         let cfg = self.cfg.clone();
         if cfg.security_policy == Some(OpcUaPolicy::None) {
+            notices.report(
+                &cfg.name,
+                "opcua_security_none",
+                format!(
+                    "allow_security_none = true: {} is read without message security",
+                    cfg.endpoint_url
+                ),
+            );
             warn!(device = %cfg.name, "INSECURE: OPC UA security None is allowed for this device (allow_security_none = true): values and passwords travel unprotected");
         }
         let mut delay = cfg.reconnect_min;
@@ -383,6 +399,9 @@ impl OpcUaDriver {
             let (session, events) = match attempt {
                 Ok(s) => s,
                 Err(e) => {
+                    if let ConnectError::NoAcceptableEndpoint { .. } = &e {
+                        notice("opcua_no_acceptable_endpoint", e.to_string());
+                    }
                     warn!(device = %cfg.name, error = %e, retry_in = ?delay, "OPC UA connection failed");
                     if !self.emit_bad(&out, reason::DISCONNECTED).await {
                         return;
@@ -401,7 +420,10 @@ impl OpcUaDriver {
             let _ = tokio::time::timeout(Duration::from_secs(2), session.disconnect()).await;
             match ended {
                 Served::Stop => return,
-                Served::Failed(why) => {
+                Served::Failed(why, status) => {
+                    if let Some(code) = status.and_then(security_code) {
+                        notice(code, why.clone());
+                    }
                     warn!(device = %cfg.name, error = %why, retry_in = ?cfg.reconnect_max, "OPC UA session ended; retrying");
                     if !self.emit_bad(&out, reason::DISCONNECTED).await {
                         return;
@@ -512,8 +534,8 @@ impl OpcUaDriver {
                 biased;
                 () = shutdown.cancelled() => return Served::Stop,
                 ev = events.recv() => match ev {
-                    None => return Served::Failed("the session was closed".into()),
-                    Some(Err(status)) => return Served::Failed(explain(status, &cfg.pki_dir)),
+                    None => return Served::Failed("the session was closed".into(), None),
+                    Some(Err(status)) => return Served::Failed(explain(status, &cfg.pki_dir), Some(status)),
                     Some(Ok(SessionPollResult::Reconnected(_))) => {
                         connected = true;
                         match session.read_namespace_array().await {
@@ -526,7 +548,7 @@ impl OpcUaDriver {
                                     }
                                 }).collect();
                             }
-                            Err(e) => return Served::Failed(format!("cannot read the namespace array: {e}")),
+                            Err(e) => return Served::Failed(format!("cannot read the namespace array: {e}"), None),
                         }
                         if subscribed {
                             // Re-created subscriptions stay silent until a
@@ -535,7 +557,7 @@ impl OpcUaDriver {
                         } else if cfg.read == OpcUaRead::Subscribe {
                             match self.subscribe(&session, &nodes, tx.clone()).await {
                                 Ok(()) => subscribed = true,
-                                Err(e) => return Served::Failed(format!("cannot subscribe: {e}")),
+                                Err(e) => return Served::Failed(format!("cannot subscribe: {e}"), None),
                             }
                         }
                         info!(device = %cfg.name, "OPC UA session ready");
@@ -552,7 +574,7 @@ impl OpcUaDriver {
                             return Served::Stop;
                         }
                         if is_final(status) {
-                            return Served::Failed(explain(status, &cfg.pki_dir));
+                            return Served::Failed(explain(status, &cfg.pki_dir), Some(status));
                         }
                         warn!(device = %cfg.name, error = %explain(status, &cfg.pki_dir), "OPC UA reconnect failed");
                     }
@@ -834,7 +856,24 @@ impl Drop for AbortOnDrop {
 
 enum Served {
     Stop,
-    Failed(String),
+    /// Why, and the status code when the server or the library gave one.
+    Failed(String, Option<StatusCode>),
+}
+
+/// The audit code of a security refusal.
+fn security_code(status: StatusCode) -> Option<&'static str> {
+    Some(match status {
+        StatusCode::BadCertificateUntrusted | StatusCode::BadSecurityChecksFailed => {
+            "opcua_untrusted_certificate"
+        }
+        StatusCode::BadCertificateTimeInvalid => "opcua_certificate_time_invalid",
+        StatusCode::BadCertificateInvalid => "opcua_invalid_certificate",
+        StatusCode::BadUserAccessDenied
+        | StatusCode::BadIdentityTokenRejected
+        | StatusCode::BadIdentityTokenInvalid => "opcua_login_refused",
+        StatusCode::BadSecurityPolicyRejected => "opcua_security_policy_rejected",
+        _ => return None,
+    })
 }
 
 #[cfg(test)]

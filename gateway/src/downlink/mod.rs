@@ -104,6 +104,7 @@ pub struct Downlink {
     commands: Option<Commands>,
     out: mpsc::Sender<Outgoing>,
     stats: Arc<DownlinkStats>,
+    notices: Option<mpsc::UnboundedReceiver<crate::device::DeviceNotice>>,
 }
 
 /// A message refused before the policy saw it.
@@ -129,6 +130,8 @@ pub struct DownlinkParts {
     pub out: mpsc::Sender<Outgoing>,
     pub current: Arc<CurrentTable>,
     pub writers: Writers,
+    /// Security findings of the device drivers, audited as they come.
+    pub notices: mpsc::UnboundedReceiver<crate::device::DeviceNotice>,
     pub audit_options: crate::audit::AuditOptions,
 }
 
@@ -158,6 +161,7 @@ impl Downlink {
             commands: None,
             out: parts.out,
             stats: stats.clone(),
+            notices: Some(parts.notices),
         };
         let text = std::fs::read(&cfg.source).unwrap_or_default();
         let tags: usize = cfg.devices.iter().map(|dv| dv.tag_count()).sum();
@@ -221,6 +225,24 @@ impl Downlink {
                     Some(Work::Message(m)) => self.handle(m).await,
                     Some(Work::Dropped(x)) => self.dropped(x).await,
                     None => work = None,
+                },
+                n = async {
+                    match self.notices.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => match n {
+                    Some(n) => {
+                        let _ = self
+                            .audit
+                            .append(Event::DeviceSecurity(record::DeviceSecurity {
+                                device: n.device,
+                                code: n.code.to_owned(),
+                                detail: n.detail,
+                            }))
+                            .await;
+                    }
+                    None => self.notices = None,
                 },
                 _ = reload.tick() => self.reload(false).await,
                 _ = checkpoint.tick() => self.audit.checkpoint_if_due().await,

@@ -148,15 +148,24 @@ async fn opc_setup(
     password: &str,
     device_extra: &str,
 ) -> anyhow::Result<OpcSetup> {
+    opc_setup_with(security, false, trust, password, device_extra).await
+}
+
+async fn opc_setup_with(
+    security: SimSecurity,
+    expired_cert: bool,
+    trust: bool,
+    password: &str,
+    device_extra: &str,
+) -> anyhow::Result<OpcSetup> {
     let pki = TestPki::new(GW)?;
     let broker = Mosquitto::start(&pki, BrokerOptions::default()).await?;
     let root = pki.root().to_path_buf();
-    let sim = OpcUaSim::start(
-        OpcUaSimOptions::new(root.join("sim-pki"))
-            .user("gateway", "s3cret-pass")
-            .security(security),
-    )
-    .await?;
+    let mut opts = OpcUaSimOptions::new(root.join("sim-pki"))
+        .user("gateway", "s3cret-pass")
+        .security(security);
+    opts.expired_cert = expired_cert;
+    let sim = OpcUaSim::start(opts).await?;
     let (uri, idp) = gateway_files(&root, password)?;
     if trust {
         sim.install_trust(&root.join("pki/opcua/trusted"))?;
@@ -412,30 +421,86 @@ async fn an_untrusted_server_certificate_is_refused_and_kept_for_review() -> any
         good(&twin, "opc.int32").is_none(),
         "no value from an untrusted server"
     );
+    wait_for_device_security(&s.cfg.audit.file, "opcua_untrusted_certificate").await?;
     gw.stop().await;
     s.sim.stop().await;
     Ok(())
 }
 
+/// Waits (up to 15 s) for a `device_security` record with `code`.
+async fn wait_for_device_security(audit: &Path, code: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let codes = device_security_codes(audit)?;
+        if codes.iter().any(|c| c == code) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("no audit record {code}: {codes:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The codes of the `device_security` records of an audit file.
+fn device_security_codes(path: &Path) -> anyhow::Result<Vec<String>> {
+    let mut codes = Vec::new();
+    for line in std::fs::read_to_string(path)?.lines() {
+        let rec =
+            twin_model::audit::parse_line(line.as_bytes()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        if let twin_model::audit::Event::DeviceSecurity(d) = rec.event {
+            codes.push(d.code);
+        }
+    }
+    Ok(codes)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_server_offering_only_weak_security_or_refusing_the_login_gives_no_values(
+async fn weak_security_an_expired_certificate_or_a_refused_login_give_no_values_and_an_audit_record(
 ) -> anyhow::Result<()> {
     init();
-    for (security, password, what) in [
-        (SimSecurity::NoneOnly, "s3cret-pass", "only security None"),
-        (SimSecurity::Basic256Only, "s3cret-pass", "only Basic256"),
-        (SimSecurity::Secure, "wrong-password", "a wrong password"),
+    for (security, expired, password, code) in [
+        (
+            SimSecurity::NoneOnly,
+            false,
+            "s3cret-pass",
+            "opcua_no_acceptable_endpoint",
+        ),
+        (
+            SimSecurity::Basic128Rsa15Only,
+            false,
+            "s3cret-pass",
+            "opcua_no_acceptable_endpoint",
+        ),
+        (
+            SimSecurity::Basic256Only,
+            false,
+            "s3cret-pass",
+            "opcua_no_acceptable_endpoint",
+        ),
+        (
+            SimSecurity::Secure,
+            true,
+            "s3cret-pass",
+            "opcua_certificate_time_invalid",
+        ),
+        (
+            SimSecurity::Secure,
+            false,
+            "wrong-password",
+            "opcua_login_refused",
+        ),
     ] {
-        let s = opc_setup(security, true, password, "").await?;
+        let s = opc_setup_with(security, expired, true, password, "").await?;
         let mut twin = Twin::start(&s.broker, &s.pki, 64).await?;
         let gw = gateway::run::start(s.cfg.clone()).await?;
-        twin.until(Duration::from_secs(20), what, |t| {
+        twin.until(Duration::from_secs(20), code, |t| {
             t.tag("opc.int32")
                 .is_some_and(|v| v.quality == Quality::Bad)
         })
         .await?;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        assert!(good(&twin, "opc.int32").is_none(), "{what}: no value");
+        wait_for_device_security(&s.cfg.audit.file, code).await?;
+        assert!(good(&twin, "opc.int32").is_none(), "{code}: no value");
         gw.stop().await;
         s.sim.stop().await;
     }
@@ -495,5 +560,28 @@ async fn an_independent_server_python_asyncua_with_basic256sha256_and_a_login_is
     assert!(twin.rejections().is_empty(), "{:?}", twin.rejections());
     gw.stop().await;
     drop(peer);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn polling_reads_the_nodes_when_subscriptions_are_not_wanted() -> anyhow::Result<()> {
+    init();
+    let s = opc_setup(SimSecurity::Secure, true, "s3cret-pass", "read = \"poll\"").await?;
+    let mut twin = Twin::start(&s.broker, &s.pki, 64).await?;
+    let gw = gateway::run::start(s.cfg.clone()).await?;
+    twin.until(Duration::from_secs(20), "polled values", |t| {
+        good(t, "opc.int64") == Some(Value::Int(-9_000_000_000)) && good(t, "opc.counter").is_some()
+    })
+    .await?;
+    let first = good(&twin, "opc.counter");
+    twin.until(
+        Duration::from_secs(10),
+        "the counter moves between polls",
+        |t| good(t, "opc.counter") != first,
+    )
+    .await?;
+    assert_eq!(s.sim.write_count(), 0);
+    gw.stop().await;
+    s.sim.stop().await;
     Ok(())
 }

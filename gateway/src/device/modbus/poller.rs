@@ -161,6 +161,7 @@ impl Owner {
             shutdown,
             out,
             mut writes,
+            notices: _,
         } = ctx;
         let mut writes_open = true;
         info!(device = %self.cfg.name, address = %self.cfg.address, "modbus driver starting");
