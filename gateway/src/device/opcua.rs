@@ -417,7 +417,6 @@ impl OpcUaDriver {
             let ended = self
                 .serve(session.clone(), events, &shutdown, &out, &mut writes)
                 .await;
-            let _ = tokio::time::timeout(Duration::from_secs(2), session.disconnect()).await;
             match ended {
                 Served::Stop => return,
                 Served::Failed(why, status) => {
@@ -532,7 +531,11 @@ impl OpcUaDriver {
         loop {
             tokio::select! {
                 biased;
-                () = shutdown.cancelled() => return Served::Stop,
+                () = shutdown.cancelled() => {
+                    // Close the session in order while its event loop still runs.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), session.disconnect()).await;
+                    return Served::Stop;
+                }
                 ev = events.recv() => match ev {
                     None => return Served::Failed("the session was closed".into(), None),
                     Some(Err(status)) => return Served::Failed(explain(status, &cfg.pki_dir), Some(status)),

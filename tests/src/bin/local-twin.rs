@@ -1,8 +1,10 @@
 //! The local twin: a complete twin on one machine with one command.
 //!
-//! Starts a simulated tank PLC (Modbus TCP), an embedded MQTT broker that
-//! requires client certificates (mutual TLS), the gateway with the example
-//! configuration, and the operator's live twin view. Everything listens on
+//! Starts a simulated tank PLC (Modbus TCP), a simulated OPC UA server
+//! (Basic256Sha256 SignAndEncrypt with a user name login, its certificate
+//! in the gateway's trust list), an embedded MQTT broker that requires
+//! client certificates (mutual TLS), the gateway with the example
+//! configuration plus the OPC UA device, and the operator's live twin view. Everything listens on
 //! free loopback ports only. Files go to `./local-twin/` (dev PKI, data,
 //! the rendered configuration); run it again and the sequence continues.
 //!
@@ -38,7 +40,10 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     // The demo broker's own log is left out: it reports every client that
     // closes without a TLS close_notify, which is noise here.
-    gateway::logging::init("warn,rumqttd=off", false);
+    gateway::logging::init(
+        "warn,rumqttd=off,opcua_server=error,opcua_crypto=error",
+        false,
+    );
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(run(args))
 }
@@ -60,17 +65,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let plc = PlcSim::start("127.0.0.1:0".parse()?).await?;
+    let opc = start_opcua(&dir, &pki).await?;
     let broker_port = start_demo_broker(&pki)?;
 
     let config_path = dir.join("gateway.toml");
-    let text = twin_testkit::render_example_config(broker_port, plc.addr())?;
+    let mut text = twin_testkit::render_example_config(broker_port, plc.addr())?;
+    text.push_str(&opcua_device(&opc.endpoint_url()));
     std::fs::write(&config_path, text)?;
     let cfg = gateway::config::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let handle = gateway::run::start(cfg).await?;
 
     eprintln!(
-        "PLC simulator at {}, broker (mutual TLS) at 127.0.0.1:{broker_port}, gateway {GATEWAY_ID}; config {}",
+        "PLC simulator at {}, OPC UA simulator at {}, broker (mutual TLS) at 127.0.0.1:{broker_port}, gateway {GATEWAY_ID}; config {}",
         plc.addr(),
+        opc.endpoint_url(),
         config_path.display()
     );
     let mut trust = twin_model::TrustStore::new();
@@ -115,6 +123,80 @@ async fn run(args: Args) -> anyhow::Result<()> {
         bail!("the twin saw rejected or missing messages");
     }
     Ok(())
+}
+
+/// Starts the OPC UA simulator with a fresh password for the gateway, and
+/// puts its certificate into the gateway's trust list (the demo's own
+/// server: in a plant an engineer checks the thumbprint first).
+async fn start_opcua(
+    dir: &Path,
+    pki: &gateway::pki::DevPkiFiles,
+) -> anyhow::Result<twin_testkit::opcua_sim::OpcUaSim> {
+    use rand::Rng as _;
+    if !pki.opcua_cert.exists() {
+        for sub in ["own", "private", "trusted", "rejected"] {
+            std::fs::create_dir_all(pki.opcua_dir.join(sub))?;
+        }
+        let (der, key) = gateway::pki::opcua_application_cert(
+            &gateway::pki::opcua_application_uri(GATEWAY_ID),
+            &["localhost".to_string()],
+            gateway::pki::Validity::days(30),
+        )?;
+        std::fs::write(&pki.opcua_cert, der)?;
+        gateway::keyfile::write_private(&pki.opcua_key, &key)?;
+    }
+    let password: String = (0..24)
+        .map(|_| char::from(b"abcdefghijkmnpqrstuvwxyz23456789"[rand::rng().random_range(0..32)]))
+        .collect();
+    gateway::keyfile::write_private(&dir.join("opcua.password"), &password)?;
+    let sim = twin_testkit::opcua_sim::OpcUaSim::start(
+        twin_testkit::opcua_sim::OpcUaSimOptions::new(dir.join("opcua-sim"))
+            .user("gateway", password),
+    )
+    .await?;
+    sim.install_trust(&pki.opcua_dir.join("trusted"))?;
+    Ok(sim)
+}
+
+/// The OPC UA device of the local twin, appended to the example configuration.
+fn opcua_device(url: &str) -> String {
+    let ns = "nsu=urn:twin-gateway:opcua-sim;s=";
+    let mut t = format!(
+        r#"
+[[devices]]
+name = "opc-tank"
+protocol = "opcua"
+endpoint_url = "{url}"
+certificate_file = "pki/opcua/own/cert.der"
+private_key_file = "pki/opcua/private/private.pem"
+application_uri = "urn:twin-gateway:{GATEWAY_ID}"
+user = "gateway"
+password_file = "opcua.password"
+sampling_interval_ms = 100
+publishing_interval_ms = 500
+"#
+    );
+    for (name, node, ty, unit, writable) in [
+        ("tank2.level", "Tank1.Level", "double", Some("m"), false),
+        (
+            "tank2.setpoint",
+            "Tank1.Setpoint",
+            "double",
+            Some("m"),
+            true,
+        ),
+        ("tank2.mode", "Tank1.Mode", "uint16", None, true),
+        ("tank2.pump", "Tank1.Pump", "bool", None, true),
+        ("tank2.counter", "Tank1.Counter", "uint32", None, false),
+    ] {
+        t.push_str(&format!(
+            "\n[[devices.tags]]\nname = \"{name}\"\nnode_id = \"{ns}{node}\"\ntype = \"{ty}\"\nwritable = {writable}\n"
+        ));
+        if let Some(u) = unit {
+            t.push_str(&format!("unit = \"{u}\"\n"));
+        }
+    }
+    t
 }
 
 /// Starts the embedded broker (rumqttd, demo only) with TLS that requires a
