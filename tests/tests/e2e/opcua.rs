@@ -557,6 +557,26 @@ async fn an_independent_server_python_asyncua_with_basic256sha256_and_a_login_is
         good(t, "peer.double").is_some_and(|v| Some(v) != first)
     })
     .await?;
+    gw.stop().await;
+
+    // The Read service against the same server.
+    let cfg = opc_config(
+        &root,
+        broker.port(),
+        peer.endpoint_url(),
+        &uri,
+        &tags,
+        "security_policy = \"Basic256Sha256\"\nread = \"poll\"",
+    )?;
+    let gw = gateway::run::start(cfg).await?;
+    let before = good(&twin, "peer.double");
+    twin.until(
+        Duration::from_secs(20),
+        "polled values from the peer",
+        |t| good(t, "peer.double").is_some_and(|v| Some(v) != before),
+    )
+    .await?;
+    assert_eq!(good(&twin, "peer.int32"), Some(Value::Int(-42)));
     assert!(twin.rejections().is_empty(), "{:?}", twin.rejections());
     gw.stop().await;
     drop(peer);
