@@ -84,6 +84,7 @@ pub fn batches() -> Vec<(BatchPayload, String)> {
                     reason::MODBUS_EXCEPTION_PREFIX
                 )),
                 ts_ms: 1_767_225_599_990,
+                server_ts_ms: None,
             },
         ],
     };

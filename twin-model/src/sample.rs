@@ -128,8 +128,14 @@ pub struct Sample {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// Source timestamp: when the value was read from the device, in
-    /// milliseconds since the Unix epoch (UTC).
+    /// milliseconds since the Unix epoch (UTC). For OPC UA, the server's
+    /// SourceTimestamp (or its ServerTimestamp when the server gives no
+    /// source timestamp).
     pub ts_ms: u64,
+    /// For OPC UA: the server's ServerTimestamp, when it gave one, ms since
+    /// the Unix epoch. Absent for Modbus.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_ts_ms: Option<u64>,
 }
 
 impl Sample {
@@ -140,6 +146,7 @@ impl Sample {
             quality: Quality::Good,
             reason: None,
             ts_ms,
+            server_ts_ms: None,
         }
     }
 
@@ -150,6 +157,7 @@ impl Sample {
             quality: Quality::Bad,
             reason: Some(reason.into()),
             ts_ms,
+            server_ts_ms: None,
         }
     }
 }

@@ -204,29 +204,39 @@ pub fn variant_for(tag: &OpcUaTag, v: &Value) -> Result<Variant, String> {
 
 /// A sample from a data value, with its status as quality.
 pub fn sample_of(tag: &str, dv: &DataValue) -> Sample {
+    let ms = |t: &opcua::types::DateTime| t.as_chrono().timestamp_millis().max(0) as u64;
+    let server_ts_ms = dv.server_timestamp.as_ref().map(ms);
     let ts_ms = dv
         .source_timestamp
         .as_ref()
-        .or(dv.server_timestamp.as_ref())
-        .map(|t| t.as_chrono().timestamp_millis().max(0) as u64)
+        .map(ms)
+        .or(server_ts_ms)
         .unwrap_or_else(now_ms);
+    let with_server = |mut s: Sample| {
+        s.server_ts_ms = server_ts_ms;
+        s
+    };
     let status = dv.status.unwrap_or(StatusCode::Good);
     if status.is_bad() {
-        return Sample::bad(
+        return with_server(Sample::bad(
             tag,
             format!("{STATUS_PREFIX}{}", status.sub_code().name()),
             ts_ms,
-        );
+        ));
     }
     let Some(value) = dv.value.as_ref().and_then(value_of) else {
-        return Sample::bad(tag, format!("{STATUS_PREFIX}unsupported_value"), ts_ms);
+        return with_server(Sample::bad(
+            tag,
+            format!("{STATUS_PREFIX}unsupported_value"),
+            ts_ms,
+        ));
     };
     let mut s = Sample::good(tag, value, ts_ms);
     if status.is_uncertain() {
         s.quality = Quality::Uncertain;
         s.reason = Some(format!("{STATUS_PREFIX}{}", status.sub_code().name()));
     }
-    s
+    with_server(s)
 }
 
 /// The node of `tag`, with a `nsu=` namespace URI resolved against the
@@ -948,5 +958,17 @@ mod tests {
         assert_eq!(s.value, Some(Value::Float(1.0)));
         dv.status = None;
         assert_eq!(sample_of("t", &dv).quality, Quality::Good);
+        // Both timestamps are kept: the source time is the sample's time.
+        dv.source_timestamp = Some(opcua::types::DateTime::from(
+            1_700_000_000_000i64 * 10_000 + 116_444_736_000_000_000,
+        ));
+        dv.server_timestamp = Some(opcua::types::DateTime::from(
+            1_700_000_000_500i64 * 10_000 + 116_444_736_000_000_000,
+        ));
+        let s = sample_of("t", &dv);
+        assert_eq!(
+            (s.ts_ms, s.server_ts_ms),
+            (1_700_000_000_000, Some(1_700_000_000_500))
+        );
     }
 }
