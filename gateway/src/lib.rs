@@ -27,6 +27,7 @@ pub mod device;
 pub mod downlink;
 pub mod keyfile;
 pub mod logging;
+pub mod metrics;
 pub mod mqtt;
 pub mod outbox;
 pub mod pki;

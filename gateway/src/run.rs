@@ -60,6 +60,8 @@ pub struct GatewayHandle {
     pub outbox: Option<Arc<Outbox>>,
     /// Key id of the telemetry signing key.
     pub kid: String,
+    /// Where the metrics endpoint listens, when configured.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     stop_devices: CancellationToken,
     abort: CancellationToken,
     tasks: Vec<(String, JoinHandle<()>)>,
@@ -84,6 +86,16 @@ fn load_outbox_cipher(path: &std::path::Path) -> anyhow::Result<crate::outbox::r
 pub async fn start(cfg: Config) -> anyhow::Result<GatewayHandle> {
     let key = Arc::new(load_signing_key(&cfg.signing.key_file)?);
     let tls_config = tls::client_config(&cfg.mqtt.tls).context("MQTT TLS setup")?;
+    // Bound before anything starts, so that a port in use stops the start
+    // cleanly.
+    let metrics_listener = match &cfg.metrics {
+        Some(m) => Some(
+            tokio::net::TcpListener::bind(m.listen)
+                .await
+                .with_context(|| format!("[metrics] cannot listen on {}", m.listen))?,
+        ),
+        None => None,
+    };
     let cipher = cfg
         .outbox
         .encryption_key_file
@@ -225,12 +237,16 @@ pub async fn start(cfg: Config) -> anyhow::Result<GatewayHandle> {
         }
     };
 
+    let mut device_stats = Vec::new();
     for (dev, writes) in cfg.devices.iter().zip(write_queues) {
+        let stats = Arc::new(crate::metrics::DeviceStats::default());
+        device_stats.push((dev.name().to_owned(), stats.clone()));
         let ctx = DeviceContext {
             shutdown: stop_devices.clone(),
             out: dev_tx.clone(),
             writes,
             notices: notices.clone(),
+            stats: stats.clone(),
         };
         let name = format!("device {}", dev.name());
         let handle = match dev.clone() {
@@ -296,6 +312,35 @@ pub async fn start(cfg: Config) -> anyhow::Result<GatewayHandle> {
         )),
     ));
 
+    let metrics_addr = match metrics_listener {
+        Some(listener) => {
+            let addr = listener.local_addr()?;
+            if !addr.ip().is_loopback() {
+                tracing::warn!(%addr, "the metrics endpoint listens beyond loopback");
+            }
+            tracing::info!(%addr, "metrics on http://{addr}/metrics, readiness on /health");
+            let sources = crate::metrics::Sources {
+                uplink: uplink_stats.clone(),
+                link: link_stats.clone(),
+                link_state: state_rx.clone(),
+                downlink: downlink_stats.clone(),
+                outbox: outbox.clone(),
+                devices: device_stats,
+                commands: cfg.commands.is_some(),
+            };
+            tasks.push((
+                "metrics".into(),
+                tokio::spawn(crate::metrics::serve(
+                    listener,
+                    sources,
+                    stop_devices.clone(),
+                )),
+            ));
+            Some(addr)
+        }
+        None => None,
+    };
+
     Ok(GatewayHandle {
         link: state_rx,
         uplink_stats,
@@ -303,6 +348,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<GatewayHandle> {
         downlink_stats,
         outbox,
         kid: key.kid().to_owned(),
+        metrics_addr,
         stop_devices,
         abort,
         tasks,

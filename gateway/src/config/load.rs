@@ -225,7 +225,7 @@ impl Loader<'_> {
         self.r.unknown_keys(
             root,
             &[
-                "gateway", "signing", "mqtt", "outbox", "audit", "commands", "devices",
+                "gateway", "signing", "mqtt", "outbox", "audit", "commands", "metrics", "devices",
             ],
         );
         let gateway = self
@@ -241,6 +241,7 @@ impl Loader<'_> {
         let outbox = self.outbox(root);
         let audit = self.audit(root, gateway.as_ref().map(|g| g.data_dir.as_path()));
         let commands = self.commands(root);
+        let metrics = self.metrics(root);
         let devices = self.devices(root);
         Some(Config {
             source: self.source.to_path_buf(),
@@ -250,6 +251,7 @@ impl Loader<'_> {
             outbox: outbox?,
             audit: audit?,
             commands: commands?,
+            metrics: metrics?,
             devices: devices?,
         })
     }
@@ -454,6 +456,33 @@ impl Loader<'_> {
             checkpoint_interval: Duration::from_secs(interval_s.or(60)?),
             checkpoint_records: records.or(100)?,
         })
+    }
+
+    /// The optional `[metrics]` table.
+    fn metrics(&mut self, root: &Table<'_, '_>) -> Option<Option<MetricsConfig>> {
+        let t = match self.r.table(root, "metrics", "[metrics]") {
+            Field::Absent => return Some(None),
+            Field::Invalid => return None,
+            Field::Valid(t) => t.into_inner(),
+        };
+        self.r.unknown_keys(&t, &["listen"]);
+        let listen = self.r.non_empty(&t, "listen").and_then(|l| {
+            match l.get_ref().parse::<std::net::SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    self.r.error_help(
+                        &l.span(),
+                        format!("listen \"{}\" in [metrics] is not an IP address and port", l.get_ref()),
+                        Some("write it as \"127.0.0.1:9464\" (loopback only, the default) or another local address and port"),
+                    );
+                    None
+                }
+            }
+        });
+        let default: std::net::SocketAddr = ([127, 0, 0, 1], 9464).into();
+        Some(Some(MetricsConfig {
+            listen: listen.or(default)?,
+        }))
     }
 
     /// The optional `[commands]` table.

@@ -20,7 +20,17 @@ pub struct Config {
     /// `None` when the configuration has no `[commands]` table: the gateway
     /// then subscribes to no command topic and writes nothing.
     pub commands: Option<CommandsConfig>,
+    /// `None` without a `[metrics]` table: no listening port at all.
+    pub metrics: Option<MetricsConfig>,
     pub devices: Vec<DeviceConfig>,
+}
+
+/// The metrics and health endpoint (`[metrics]`, optional).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricsConfig {
+    /// Where `GET /metrics` and `GET /health` are served; default
+    /// 127.0.0.1:9464 (loopback only).
+    pub listen: std::net::SocketAddr,
 }
 
 /// The audit log (`[audit]`, optional).

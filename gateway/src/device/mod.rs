@@ -47,6 +47,8 @@ pub struct DeviceContext {
     pub writes: mpsc::Receiver<WriteRequest>,
     /// Where security findings go (to the audit log).
     pub notices: Notices,
+    /// The device's counters, for the metrics endpoint.
+    pub stats: std::sync::Arc<crate::metrics::DeviceStats>,
 }
 
 /// A security finding of a device connection, for the audit log.

@@ -23,6 +23,7 @@
 //!    session: optional read of the expected value, Write of the value
 //!    converted to the tag's type, read-back and comparison.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,6 +49,7 @@ use crate::clock::now_ms;
 use crate::config::{
     OpcUaDeviceConfig, OpcUaIdentity, OpcUaMode, OpcUaPolicy, OpcUaRead, OpcUaTag, OpcUaType,
 };
+use crate::metrics::DeviceStats;
 use crate::policy::WritePermit;
 
 /// Prefix of the reason of a sample whose OPC UA status is not good.
@@ -379,6 +381,7 @@ impl OpcUaDriver {
             out,
             mut writes,
             notices,
+            stats,
         } = ctx;
         let mut last_notice: Option<&'static str> = None;
         let mut notice = |code: &'static str, detail: String| {
@@ -425,8 +428,16 @@ impl OpcUaDriver {
             };
             delay = cfg.reconnect_min;
             let ended = self
-                .serve(session.clone(), events, &shutdown, &out, &mut writes)
+                .serve(
+                    session.clone(),
+                    events,
+                    &shutdown,
+                    &out,
+                    &mut writes,
+                    &stats,
+                )
                 .await;
+            stats.connected.store(false, Ordering::Relaxed);
             match ended {
                 Served::Stop => return,
                 Served::Failed(why, status) => {
@@ -516,6 +527,7 @@ impl OpcUaDriver {
         shutdown: &tokio_util::sync::CancellationToken,
         out: &mpsc::Sender<DeviceEvent>,
         writes: &mut mpsc::Receiver<WriteRequest>,
+        stats: &DeviceStats,
     ) -> Served {
         let cfg = &self.cfg;
         // The session's requests only progress while its event loop is
@@ -551,6 +563,7 @@ impl OpcUaDriver {
                     Some(Err(status)) => return Served::Failed(explain(status, &cfg.pki_dir), Some(status)),
                     Some(Ok(SessionPollResult::Reconnected(_))) => {
                         connected = true;
+                        stats.connected.store(true, Ordering::Relaxed);
                         match session.read_namespace_array().await {
                             Ok(map) => {
                                 nodes = cfg.tags.iter().map(|t| match resolve(t, &map) {
@@ -577,6 +590,7 @@ impl OpcUaDriver {
                     }
                     Some(Ok(SessionPollResult::ConnectionLost(status))) => {
                         connected = false;
+                        stats.connected.store(false, Ordering::Relaxed);
                         warn!(device = %cfg.name, status = %status.sub_code().name(), "OPC UA connection lost");
                         if !self.emit_bad(out, reason::DISCONNECTED).await {
                             return Served::Stop;
@@ -604,13 +618,16 @@ impl OpcUaDriver {
                     while let Ok((h, dv)) = rx.try_recv() {
                         push(h, &dv);
                     }
+                    stats.read(Duration::ZERO, samples.iter().all(|s| s.quality != Quality::Bad));
                     let event = DeviceEvent { device: cfg.name.clone(), samples, cycle_done: true, command_id: None };
                     if out.send(event).await.is_err() {
                         return Served::Stop;
                     }
                 }
                 _ = poll.tick(), if connected && cfg.read == OpcUaRead::Poll => {
+                    let started = tokio::time::Instant::now();
                     let samples = self.read_all(&session, &nodes).await;
+                    stats.read(started.elapsed(), samples.iter().all(|s| s.quality != Quality::Bad));
                     let event = DeviceEvent { device: cfg.name.clone(), samples, cycle_done: true, command_id: None };
                     if out.send(event).await.is_err() {
                         return Served::Stop;
@@ -628,6 +645,10 @@ impl OpcUaDriver {
                         if out.send(event).await.is_err() {
                             return Served::Stop;
                         }
+                    }
+                    stats.writes.fetch_add(1, Ordering::Relaxed);
+                    if result.is_err() {
+                        stats.write_failures.fetch_add(1, Ordering::Relaxed);
                     }
                     let _ = w.reply.send(result.map(|(r, _)| r));
                 }

@@ -77,6 +77,10 @@ pub struct DownlinkStats {
     /// Policy loads and rejections since start.
     pub policy_loads: AtomicU64,
     pub policy_rejections: AtomicU64,
+    /// Whether a valid policy is in force now.
+    pub policy_in_force: std::sync::atomic::AtomicBool,
+    /// Results by (status, reason code; `ok` when applied).
+    pub by_code: std::sync::Mutex<std::collections::BTreeMap<(String, String), u64>>,
 }
 
 /// The command side, present when `[commands]` is configured.
@@ -533,6 +537,10 @@ impl Downlink {
     }
 
     async fn publish(&self, r: CommandResult) {
+        if let Ok(mut m) = self.stats.by_code.lock() {
+            let code = r.code.clone().unwrap_or_else(|| "ok".into());
+            *m.entry((r.status.as_str().to_owned(), code)).or_default() += 1;
+        }
         let json = serde_json::to_vec(&r).expect("result serializes");
         let msg = Outgoing {
             topic: self.topics.result(),
@@ -622,6 +630,15 @@ impl Downlink {
                     }
                 }
             }
+        }
+        if let Some(c) = self.commands.as_ref() {
+            let in_force = c
+                .engine
+                .policy()
+                .is_some_and(|p| p.mode() == crate::policy::Mode::Enforce);
+            self.stats
+                .policy_in_force
+                .store(in_force, std::sync::atomic::Ordering::Relaxed);
         }
         for e in events {
             let _ = self.audit.append(e).await;

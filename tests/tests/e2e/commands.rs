@@ -1219,3 +1219,140 @@ async fn a_flood_of_commands_neither_delays_telemetry_nor_passes_more_than_the_r
     s.plc.stop().await;
     Ok(())
 }
+
+/// `GET path` on the metrics endpoint: status line and body.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(String, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).await?;
+    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header")?;
+    Ok((
+        head.lines().next().unwrap_or_default().to_owned(),
+        body.to_owned(),
+    ))
+}
+
+/// The samples of a Prometheus text exposition, by `name{labels}`.
+fn samples(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_owned(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_metrics_endpoint_counts_what_happened_and_health_follows_the_devices(
+) -> anyhow::Result<()> {
+    init();
+    let s = Setup::new("\n[metrics]\nlisten = \"127.0.0.1:0\"\n").await?;
+    let mut twin = Twin::start(&s.broker, &s.pki, 64).await?;
+    let mut op = Operator::start(&s).await?;
+    let gw = s.start_gateway().await?;
+    let addr = gw.metrics_addr.context("metrics configured")?;
+    assert!(addr.ip().is_loopback());
+    op.wait_online(1).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let key = &s.idp;
+
+    let r = op
+        .send(mint_command(key, &claims("alice", "tank1.pump", Value::Bool(false))).into_bytes())
+        .await?;
+    assert_eq!(r.status, Status::Applied, "{r:?}");
+    let r = op
+        .send(mint_command(key, &claims("alice", "tank1.no_such_tag", Value::Int(1))).into_bytes())
+        .await?;
+    expect_denied(&r, "unknown_tag", "unknown tag");
+    let r = op
+        .send(
+            mint_command(
+                &s.stranger,
+                &claims("alice", "tank1.pump", Value::Bool(false)),
+            )
+            .into_bytes(),
+        )
+        .await?;
+    expect_refused(&r, "unknown_kid", "unknown key");
+    twin.until(Duration::from_secs(10), "telemetry", |t| {
+        t.view().batches >= 5
+    })
+    .await?;
+
+    let (status, body) = http_get(addr, "/metrics").await?;
+    assert!(status.contains("200"), "{status}");
+    let m = samples(&body);
+    let get = |k: &str| m.get(k).copied().unwrap_or(-1.0);
+    assert_eq!(
+        get(r#"twin_commands_total{status="applied",code="ok"}"#),
+        1.0,
+        "{body}"
+    );
+    assert_eq!(
+        get(r#"twin_commands_total{status="denied",code="unknown_tag"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(r#"twin_commands_total{status="refused",code="unknown_kid"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(r#"twin_device_writes_total{device="plc1",result="ok"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(r#"twin_device_writes_total{device="plc1",result="failed"}"#),
+        0.0
+    );
+    assert_eq!(get(r#"twin_device_connected{device="plc1"}"#), 1.0);
+    assert!(
+        get(r#"twin_device_reads_total{device="plc1"}"#) >= 5.0,
+        "{body}"
+    );
+    assert_eq!(get(r#"twin_device_read_errors_total{device="plc1"}"#), 0.0);
+    assert_eq!(get("twin_mqtt_connected"), 1.0);
+    assert_eq!(get("twin_policy_in_force"), 1.0);
+    let signed = get("twin_batches_signed_total");
+    assert!(
+        signed >= twin.view().batches as f64,
+        "{signed} < {}",
+        twin.view().batches
+    );
+    assert_eq!(get("twin_last_seq"), signed, "one seq per signed batch");
+    assert!(get("process_resident_memory_bytes") > 1e6);
+    assert_eq!(get("twin_commands_dropped_total"), 0.0);
+
+    let (status, body) = http_get(addr, "/health").await?;
+    assert!(
+        status.contains("200") && body.starts_with("ready"),
+        "{status} {body}"
+    );
+    s.plc.stop().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = http_get(addr, "/health").await?;
+        if status.contains("503") {
+            assert!(body.contains("device plc1 not connected"), "{body}");
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("still ready with the PLC gone: {status} {body}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, body) = http_get(addr, "/metrics").await?;
+    assert!(
+        samples(&body)
+            .get(r#"twin_device_read_errors_total{device="plc1"}"#)
+            .is_some_and(|n| *n >= 1.0),
+        "{body}"
+    );
+    let (status, _) = http_get(addr, "/other").await?;
+    assert!(status.contains("404"), "{status}");
+    gw.stop().await;
+    Ok(())
+}

@@ -90,6 +90,7 @@ impl ModbusDriver {
             ),
             next_connect: Instant::now(),
             outage_logged: false,
+            stats: Default::default(),
             cfg,
         };
         owner.run(ctx).await;
@@ -153,6 +154,7 @@ struct Owner {
     next_connect: Instant,
     /// Whether the current outage has been logged at warn already.
     outage_logged: bool,
+    stats: std::sync::Arc<crate::metrics::DeviceStats>,
 }
 
 impl Owner {
@@ -162,7 +164,9 @@ impl Owner {
             out,
             mut writes,
             notices: _,
+            stats,
         } = ctx;
+        self.stats = stats;
         let mut writes_open = true;
         info!(device = %self.cfg.name, address = %self.cfg.address, "modbus driver starting");
 
@@ -201,6 +205,7 @@ impl Owner {
                     )));
                 }
                 _ = ticks.tick() => {
+                    let started = Instant::now();
                     let samples = match self.link.as_mut() {
                         Some(link) => {
                             // Dropping the cycle mid-request is fine: the
@@ -210,13 +215,22 @@ impl Owner {
                                 () = shutdown.cancelled() => break,
                                 done = self.cycle.run(link) => done,
                             };
+                            let exception = samples.iter().any(|s| {
+                                s.reason
+                                    .as_deref()
+                                    .is_some_and(|r| r.starts_with(reason::MODBUS_EXCEPTION_PREFIX))
+                            });
+                            self.stats.read(started.elapsed(), failure.is_none() && !exception);
                             match failure {
                                 None => self.backoff.reset(),
                                 Some(e) => self.lost(&e),
                             }
                             samples
                         }
-                        None => self.cycle.all_bad(reason::DISCONNECTED, now_ms()),
+                        None => {
+                            self.stats.read(Duration::ZERO, false);
+                            self.cycle.all_bad(reason::DISCONNECTED, now_ms())
+                        }
                     };
                     let event = DeviceEvent {
                         device: self.cfg.name.clone(),
@@ -244,6 +258,10 @@ impl Owner {
                         () = shutdown.cancelled() => break,
                         r = self.write(permit, expect) => r,
                     };
+                    self.stats.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if result.is_err() {
+                        self.stats.write_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     if let Ok((_, sample)) = &result {
                         let event = DeviceEvent {
                             device: self.cfg.name.clone(),
@@ -444,6 +462,9 @@ impl Owner {
             Ok(link) => {
                 info!(device = %self.cfg.name, address = %self.cfg.address, "modbus device connected");
                 self.link = Some(link);
+                self.stats
+                    .connected
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 self.outage_logged = false;
             }
             Err(e) => {
@@ -462,6 +483,9 @@ impl Owner {
     /// Drops the connection after a failure and schedules the reconnect.
     fn lost(&mut self, e: &LinkError) {
         self.link = None;
+        self.stats
+            .connected
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         let delay = self.backoff.next_delay();
         self.next_connect = Instant::now() + delay;
         warn!(device = %self.cfg.name, reason = %e, reconnect_in = ?delay, "modbus connection dropped");

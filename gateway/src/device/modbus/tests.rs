@@ -336,6 +336,7 @@ fn spawn(cfg: ModbusDeviceConfig) -> Running {
         // No writes in these tests: the closed queue is never served.
         writes: mpsc::channel(1).1,
         notices: Default::default(),
+        stats: Default::default(),
     };
     let task = tokio::spawn(ModbusDriver::new(cfg).run(ctx));
     Running { rx, shutdown, task }
