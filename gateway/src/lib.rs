@@ -33,5 +33,7 @@ pub mod outbox;
 pub mod pki;
 pub mod policy;
 pub mod run;
+pub mod selfcheck;
 pub mod tls;
 pub mod uplink;
+pub mod watch;

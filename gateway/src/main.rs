@@ -32,10 +32,22 @@ enum Command {
         #[arg(short, long, default_value = "gateway.toml")]
         config: PathBuf,
     },
-    /// Validate a configuration without connecting to anything; exits non-zero on any error.
+    /// Validate a configuration and run the security self-check without connecting to anything; exits non-zero on any configuration error or on a finding at or above --fail-on.
     Check {
         #[arg(short, long, default_value = "gateway.toml")]
         config: PathBuf,
+        /// Print the self-check report as JSON (schema: docs/selfcheck.schema.json).
+        #[arg(long)]
+        json: bool,
+        /// Lowest finding severity that makes the check fail: info, low, medium, high, critical.
+        #[arg(long, default_value = "high")]
+        fail_on: gateway::selfcheck::Severity,
+        /// Development profile: development PKI material is expected.
+        #[arg(long)]
+        dev: bool,
+        /// Certificates expiring within this many days are reported.
+        #[arg(long, default_value_t = 30)]
+        expiry_days: u32,
     },
     /// Public key material.
     Key {
@@ -365,7 +377,25 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Check { config } => match gateway::config::load(&config) {
+        Command::Check {
+            config,
+            json,
+            fail_on,
+            dev,
+            expiry_days,
+        } => match gateway::config::load(&config) {
+            Ok(cfg) if json => {
+                let mut opts = gateway::selfcheck::CheckOptions::at(gateway::clock::now_ms());
+                opts.dev_profile = dev;
+                opts.expiry_warning_days = expiry_days;
+                let report = gateway::selfcheck::check(&cfg, &opts);
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                Ok(if report.max_severity().is_some_and(|s| s >= fail_on) {
+                    ExitCode::FAILURE
+                } else {
+                    ExitCode::SUCCESS
+                })
+            }
             Ok(cfg) => {
                 let tags: usize = cfg.devices.iter().map(|d| d.tag_count()).sum();
                 println!(
@@ -399,7 +429,22 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                         );
                     }
                 }
-                Ok(if check_commands(&cfg) {
+                let commands_ok = check_commands(&cfg);
+                let mut opts = gateway::selfcheck::CheckOptions::at(gateway::clock::now_ms());
+                opts.dev_profile = dev;
+                opts.expiry_warning_days = expiry_days;
+                let report = gateway::selfcheck::check(&cfg, &opts);
+                if report.findings.is_empty() {
+                    println!("security self-check: no finding");
+                }
+                for f in &report.findings {
+                    println!(
+                        "security self-check: {}: {} ({}): {}\n  fix: {}",
+                        f.severity, f.code, f.subject, f.message, f.fix
+                    );
+                }
+                let failing = report.max_severity().is_some_and(|s| s >= fail_on);
+                Ok(if commands_ok && !failing {
                     ExitCode::SUCCESS
                 } else {
                     ExitCode::FAILURE

@@ -340,6 +340,21 @@ impl Sources {
             u8::from(dl.policy_in_force.load(Ordering::Relaxed))
         );
 
+        metric(
+            &mut o,
+            "twin_alerts_total",
+            "counter",
+            "Alerts by code (summarised repeats counted).",
+        );
+        let alerts: BTreeMap<String, u64> = dl
+            .alerts_by_code
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default();
+        for (code, n) in &alerts {
+            let _ = writeln!(o, "twin_alerts_total{{code=\"{}\"}} {n}", esc(code));
+        }
+
         if let Some(rss) = resident_bytes() {
             metric(
                 &mut o,

@@ -186,11 +186,18 @@ pub async fn start(cfg: Config) -> anyhow::Result<GatewayHandle> {
     let notices = Notices::new(notice_tx);
     let mut writers = Writers::default();
     let mut write_queues = Vec::new();
+    let mut device_stats = Vec::new();
     for dev in &cfg.devices {
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         writers.add(dev.tag_names(), &tx);
         write_queues.push(rx);
+        device_stats.push((
+            dev.name().to_owned(),
+            Arc::new(crate::metrics::DeviceStats::default()),
+        ));
     }
+    let (alerts_tx, alerts_rx) = mpsc::unbounded_channel();
+    let alerts = crate::watch::alerts::Alerts::new(alerts_tx);
     let (downlink, downlink_stats) = Downlink::start(DownlinkParts {
         config: cfg.clone(),
         key: key.clone(),
@@ -199,6 +206,10 @@ pub async fn start(cfg: Config) -> anyhow::Result<GatewayHandle> {
         current: current.clone().unwrap_or_default(),
         writers,
         notices: notice_rx,
+        alerts_rx,
+        alerts: alerts.clone(),
+        device_stats: device_stats.clone(),
+        link_stats: Some(link_stats.clone()),
         audit_options: crate::audit::AuditOptions {
             checkpoint_every_records: cfg.audit.checkpoint_records,
             checkpoint_interval_ms: cfg.audit.checkpoint_interval.as_millis() as u64,
@@ -237,10 +248,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<GatewayHandle> {
         }
     };
 
-    let mut device_stats = Vec::new();
-    for (dev, writes) in cfg.devices.iter().zip(write_queues) {
-        let stats = Arc::new(crate::metrics::DeviceStats::default());
-        device_stats.push((dev.name().to_owned(), stats.clone()));
+    for ((dev, writes), (_, stats)) in cfg.devices.iter().zip(write_queues).zip(&device_stats) {
         let ctx = DeviceContext {
             shutdown: stop_devices.clone(),
             out: dev_tx.clone(),
@@ -265,6 +273,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<GatewayHandle> {
         reported_interval: cfg.mqtt.reported_interval,
         stats: uplink_stats.clone(),
         current,
+        sensors: (!cfg.checks.is_empty()).then(|| {
+            crate::watch::sensors::SensorWatch::new(&cfg.checks, alerts.clone(), clock::now_ms())
+        }),
     };
     tasks.push((
         "uplink".into(),

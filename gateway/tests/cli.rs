@@ -48,7 +48,7 @@ fn dev_pki_then_check_of_the_example_config_succeeds() {
         dir.path().join("gateway.toml"),
     )
     .unwrap();
-    let out = gateway(&["check", "-c", "gateway.toml"], dir.path());
+    let out = gateway(&["check", "-c", "gateway.toml", "--dev"], dir.path());
     assert!(out.status.success(), "{}", text(&out));
     assert!(
         text(&out).contains("OK: gateway plant1-gw1, 1 device(s), 16 tag(s)"),
@@ -292,7 +292,7 @@ fn check_reports_the_command_side_and_fails_without_operator_keys() {
     .unwrap();
     std::fs::create_dir_all(dir.path().join("operators")).unwrap();
 
-    let out = gateway(&["check", "-c", "gateway.toml"], dir.path());
+    let out = gateway(&["check", "-c", "gateway.toml", "--dev"], dir.path());
     assert!(!out.status.success(), "no operator key: {}", text(&out));
     assert!(text(&out).contains("no operator key"), "{}", text(&out));
 
@@ -301,9 +301,60 @@ fn check_reports_the_command_side_and_fails_without_operator_keys() {
         dir.path().join("operators/idp.pem"),
     )
     .unwrap();
-    let out = gateway(&["check", "-c", "gateway.toml"], dir.path());
+    let out = gateway(&["check", "-c", "gateway.toml", "--dev"], dir.path());
     assert!(out.status.success(), "{}", text(&out));
     let t = text(&out);
     assert!(t.contains("1 operator key(s)"), "{t}");
     assert!(t.contains("in enforce mode, 4 rule(s)"), "{t}");
+}
+
+#[test]
+fn the_security_self_check_reports_dev_material_in_production_as_json_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = gateway(
+        &["pki", "dev", "--gateway-id", "plant1-gw1", "--out", "pki"],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.example.toml"),
+        dir.path().join("gateway.toml"),
+    )
+    .unwrap();
+    let out = gateway(&["check", "-c", "gateway.toml", "--json"], dir.path());
+    assert!(
+        !out.status.success(),
+        "dev PKI without --dev: {}",
+        text(&out)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let codes: Vec<&str> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["code"].as_str().unwrap())
+        .collect();
+    assert!(codes.contains(&"dev_pki_in_production"), "{codes:?}");
+    assert_eq!(report["gateway_id"], "plant1-gw1");
+
+    // Loosened key permissions are found in the development profile too.
+    std::fs::set_permissions(
+        dir.path().join("pki/gateway-signing.key.pem"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let out = gateway(
+        &[
+            "check",
+            "-c",
+            "gateway.toml",
+            "--json",
+            "--dev",
+            "--fail-on",
+            "critical",
+        ],
+        dir.path(),
+    );
+    // The configuration itself refuses a key readable by others.
+    assert!(!out.status.success(), "{}", text(&out));
 }

@@ -87,6 +87,7 @@ pub enum Kind {
     CommandsDropped,
     ShadowDifference,
     DeviceSecurity,
+    Alert,
 }
 
 impl Kind {
@@ -105,6 +106,7 @@ impl Kind {
             Kind::CommandsDropped => "commands_dropped",
             Kind::ShadowDifference => "shadow_difference",
             Kind::DeviceSecurity => "device_security",
+            Kind::Alert => "alert",
         }
     }
 }
@@ -351,6 +353,8 @@ pub enum Event {
     CommandsDropped(CommandsDropped),
     ShadowDifference(ShadowDifference),
     DeviceSecurity(DeviceSecurity),
+    /// An alert, as published on the alert topic.
+    Alert(crate::alert::Alert),
 }
 
 impl Event {
@@ -368,6 +372,7 @@ impl Event {
             Event::CommandsDropped(_) => Kind::CommandsDropped,
             Event::ShadowDifference(_) => Kind::ShadowDifference,
             Event::DeviceSecurity(_) => Kind::DeviceSecurity,
+            Event::Alert(_) => Kind::Alert,
         }
     }
 }
@@ -442,6 +447,7 @@ pub fn parse_line(line: &[u8]) -> Result<Record, LineError> {
         Kind::CommandsDropped => Event::CommandsDropped(event_of(line)?),
         Kind::ShadowDifference => Event::ShadowDifference(event_of(line)?),
         Kind::DeviceSecurity => Event::DeviceSecurity(event_of(line)?),
+        Kind::Alert => Event::Alert(event_of(line)?),
     };
     Ok(Record {
         n: head.n,

@@ -85,6 +85,7 @@ pub fn batches() -> Vec<(BatchPayload, String)> {
                 )),
                 ts_ms: 1_767_225_599_990,
                 server_ts_ms: None,
+                flags: Vec::new(),
             },
         ],
     };

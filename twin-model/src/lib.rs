@@ -16,10 +16,12 @@
 //! - [`command`]: claims of operator-signed command and approval tokens, and the command message envelope.
 //! - [`result`]: the signed result of a command.
 //! - [`audit`]: the hash-chained audit log records and their verifier.
+//! - [`alert`]: signed alerts of the gateway's watch.
 //!
 //! The wire format is documented with golden test vectors in `docs/wire-format.md`;
 //! the tests in [`golden`] keep the document and the code in step.
 
+pub mod alert;
 pub mod audit;
 pub mod batch;
 pub mod command;

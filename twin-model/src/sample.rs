@@ -114,6 +114,20 @@ pub mod reason {
     pub const MODBUS_EXCEPTION_PREFIX: &str = "modbus_exception:";
 }
 
+/// Plausibility flags carried in [`Sample::flags`]: the device said so, and
+/// the gateway's checks of the tag find it implausible. Stable strings.
+pub mod flag {
+    /// Outside the tag's configured engineering range.
+    pub const OUT_OF_RANGE: &str = "out_of_range";
+    /// Changed faster than the tag's configured maximum rate.
+    pub const RATE_OF_CHANGE: &str = "rate_of_change";
+    /// Has not moved for longer than the tag's flatline time, although it
+    /// normally moves.
+    pub const FLATLINE: &str = "flatline";
+    /// Far outside the learned baseline (rolling mean and spread).
+    pub const OUTLIER: &str = "outlier";
+}
+
 /// One tag value at one instant.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -136,6 +150,10 @@ pub struct Sample {
     /// the Unix epoch. Absent for Modbus.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_ts_ms: Option<u64>,
+    /// Plausibility flags ([`flag`]), inside the signature like the value;
+    /// absent when the value passed every configured check.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flags: Vec<String>,
 }
 
 impl Sample {
@@ -147,6 +165,7 @@ impl Sample {
             reason: None,
             ts_ms,
             server_ts_ms: None,
+            flags: Vec::new(),
         }
     }
 
@@ -158,6 +177,7 @@ impl Sample {
             reason: Some(reason.into()),
             ts_ms,
             server_ts_ms: None,
+            flags: Vec::new(),
         }
     }
 }

@@ -18,6 +18,9 @@ pub const STATUS: &str = "status";
 pub const COMMAND: &str = "command";
 /// Signed command results from the gateway (QoS 1, not retained).
 pub const RESULT: &str = "result";
+/// Signed alerts: findings of the gateway's watch over sensor data,
+/// commands and itself (QoS 1, not retained).
+pub const ALERTS: &str = "alerts";
 /// The gateway's audit records, each line exactly as written to its audit
 /// log (QoS 1, not retained).
 pub const AUDIT: &str = "audit";
@@ -57,6 +60,9 @@ impl Topics {
     }
     pub fn audit(&self) -> String {
         format!("{}/{AUDIT}", self.base)
+    }
+    pub fn alerts(&self) -> String {
+        format!("{}/{ALERTS}", self.base)
     }
     /// Filter matching every topic of this gateway.
     pub fn all(&self) -> String {

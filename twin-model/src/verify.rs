@@ -281,6 +281,37 @@ mod tests {
     }
 
     #[test]
+    fn plausibility_flags_are_inside_the_signature() {
+        let gw = Gw::new(3);
+        let mut flagged = Sample::good("t", Value::Float(9.0), 1001);
+        flagged.flags = vec![crate::sample::flag::OUT_OF_RANGE.into()];
+        let p = BatchPayload {
+            v: 1,
+            gateway_id: "gw".into(),
+            seq: 1,
+            prev_hash: BatchHash::GENESIS.to_b64url(),
+            created_ms: 1001,
+            samples: vec![flagged],
+        };
+        let (jws, _) = sign_batch(&gw.key, &p);
+        let ok = verifier(&gw).verify(jws.as_bytes()).unwrap();
+        assert_eq!(ok.payload.samples[0].flags, vec!["out_of_range"]);
+        // Remove the flag and keep the signature: refused.
+        let parts: Vec<&str> = jws.split('.').collect();
+        let payload = crate::jws::b64url_decode(parts[1]).unwrap();
+        let text = String::from_utf8(payload).unwrap();
+        let stripped = text.replace(r#","flags":["out_of_range"]"#, "");
+        assert_ne!(stripped, text);
+        let forged = format!(
+            "{}.{}.{}",
+            parts[0],
+            crate::jws::b64url(stripped.as_bytes()),
+            parts[2]
+        );
+        assert!(verifier(&gw).verify(forged.as_bytes()).is_err());
+    }
+
+    #[test]
     fn in_order_chain_verifies() {
         let mut gw = Gw::new(1);
         let mut v = verifier(&gw);

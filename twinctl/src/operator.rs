@@ -1085,6 +1085,14 @@ pub fn describe_record(rec: &Record) -> String {
         ),
         Event::CommandsDropped(d) => format!("dropped:{} count={}", d.code, d.count),
         Event::DeviceSecurity(d) => format!("device {} {}: {}", d.device, d.code, d.detail),
+        Event::Alert(a) => format!(
+            "{} {} {} x{}: {}",
+            a.severity.as_str(),
+            a.code,
+            a.subject,
+            a.count,
+            a.message
+        ),
         Event::ShadowDifference(d) => format!(
             "cmd={} {} enforced={} candidate={}",
             d.command_id, d.tag, d.enforced, d.candidate

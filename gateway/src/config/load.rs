@@ -87,6 +87,7 @@ pub fn parse_str(path_for_messages: &Path, text: &str) -> Result<Config, ConfigE
         r,
         base,
         source: path_for_messages,
+        checks: Default::default(),
     };
     let config = loader.config(&root_table);
     let errors = loader.r.into_errors();
@@ -215,6 +216,8 @@ pub(super) struct NameSeen {
 
 pub(super) struct Loader<'a> {
     pub(super) r: Reader<'a>,
+    /// The tags' `check` tables, by tag name.
+    pub(super) checks: std::collections::BTreeMap<String, TagChecks>,
     /// The config file's folder; relative paths are resolved against it.
     base: PathBuf,
     source: &'a Path,
@@ -253,6 +256,7 @@ impl Loader<'_> {
             commands: commands?,
             metrics: metrics?,
             devices: devices?,
+            checks: std::mem::take(&mut self.checks),
         })
     }
 
@@ -1028,6 +1032,7 @@ impl Loader<'_> {
                 "offset",
                 "unit",
                 "writable",
+                "check",
             ],
         );
         let area = self.r.choice(&t, "area", AREAS);
@@ -1053,6 +1058,7 @@ impl Loader<'_> {
         let offset = self.r.number(&t, "offset");
         let unit = self.r.string(&t, "unit");
         let writable = self.r.boolean(&t, "writable");
+        let checks_ok = self.tag_checks(&t, name.get().map(String::as_str));
 
         // The type, with the string's length.
         let data_type: Option<Spanned<DataType>> = match (kind.valid(), &length) {
@@ -1241,7 +1247,7 @@ impl Loader<'_> {
         };
         let name_for_check = name.valid().cloned();
         let tag = (|| {
-            if !ok {
+            if !ok || !checks_ok {
                 return None;
             }
             Some(ModbusTag {

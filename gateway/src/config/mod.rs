@@ -18,6 +18,7 @@
 pub mod model;
 pub use model::*;
 
+mod checks;
 mod errors;
 mod load;
 mod opcua;

@@ -23,6 +23,35 @@ pub struct Config {
     /// `None` without a `[metrics]` table: no listening port at all.
     pub metrics: Option<MetricsConfig>,
     pub devices: Vec<DeviceConfig>,
+    /// Plausibility checks by tag name (the tags' `check` tables).
+    pub checks: std::collections::BTreeMap<String, TagChecks>,
+}
+
+/// What the watch checks about one tag's values (its `check` table).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TagChecks {
+    /// Engineering range: values outside are flagged `out_of_range`.
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+    /// Largest plausible change per second: faster is `rate_of_change`.
+    pub max_rate_per_s: Option<f64>,
+    /// A value that moved before and then stays exactly the same this long
+    /// is `flatline`.
+    pub flatline: Option<Duration>,
+    /// No new sample this long: alert `sensor_stale`.
+    pub stale: Option<Duration>,
+    /// Learned baseline: values further than `sigma` standard deviations
+    /// from the rolling mean are `outlier`, after `warmup` samples.
+    pub baseline: Option<BaselineCheck>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BaselineCheck {
+    pub sigma: f64,
+    /// Samples learned before anything is flagged.
+    pub warmup: u64,
+    /// One baseline per hour of the day (24 baselines) instead of one.
+    pub per_hour: bool,
 }
 
 /// The metrics and health endpoint (`[metrics]`, optional).

@@ -283,8 +283,10 @@ impl Loader<'_> {
                 },
                 ..provisional
             };
-            self.r
-                .unknown_keys(&t, &["name", "node_id", "type", "unit", "writable"]);
+            self.r.unknown_keys(
+                &t,
+                &["name", "node_id", "type", "unit", "writable", "check"],
+            );
             let node_id = self.r.non_empty(&t, "node_id").and_then(|n| {
                 if valid_node_id(n.get_ref()) {
                     Some(n.into_inner())
@@ -304,6 +306,7 @@ impl Loader<'_> {
             let data_type = self.r.required(&t, "type", "\"double\"", data_type);
             let unit = self.r.string(&t, "unit");
             let writable = self.r.boolean(&t, "writable");
+            let checks_ok = self.tag_checks(&t, name.as_deref());
             let tag = (|| {
                 Some(OpcUaTag {
                     name: name?,
@@ -313,7 +316,7 @@ impl Loader<'_> {
                     writable: writable.or(false)?,
                 })
             })();
-            match tag {
+            match tag.filter(|_| checks_ok) {
                 Some(tag) => tags.push(tag),
                 None => all_valid = false,
             }

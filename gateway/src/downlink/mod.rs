@@ -79,6 +79,8 @@ pub struct DownlinkStats {
     pub policy_rejections: AtomicU64,
     /// Whether a valid policy is in force now.
     pub policy_in_force: std::sync::atomic::AtomicBool,
+    /// Alerts by code (summarised occurrences counted).
+    pub alerts_by_code: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
     /// Results by (status, reason code; `ok` when applied).
     pub by_code: std::sync::Mutex<std::collections::BTreeMap<(String, String), u64>>,
 }
@@ -109,6 +111,9 @@ pub struct Downlink {
     out: mpsc::Sender<Outgoing>,
     stats: Arc<DownlinkStats>,
     notices: Option<mpsc::UnboundedReceiver<crate::device::DeviceNotice>>,
+    alerts_rx: Option<mpsc::UnboundedReceiver<crate::watch::alerts::Finding>>,
+    summarizer: crate::watch::alerts::Summarizer,
+    flows: crate::watch::flows::FlowWatch,
 }
 
 /// A message refused before the policy saw it.
@@ -137,6 +142,12 @@ pub struct DownlinkParts {
     /// Security findings of the device drivers, audited as they come.
     pub notices: mpsc::UnboundedReceiver<crate::device::DeviceNotice>,
     pub audit_options: crate::audit::AuditOptions,
+    /// Findings of the watch (sensors, flows), summarised, audited and
+    /// published here; `alerts` is the sending side for the flow checks.
+    pub alerts_rx: mpsc::UnboundedReceiver<crate::watch::alerts::Finding>,
+    pub alerts: crate::watch::alerts::Alerts,
+    pub device_stats: Vec<(String, Arc<crate::metrics::DeviceStats>)>,
+    pub link_stats: Option<Arc<crate::mqtt::LinkStats>>,
 }
 
 impl Downlink {
@@ -166,6 +177,16 @@ impl Downlink {
             out: parts.out,
             stats: stats.clone(),
             notices: Some(parts.notices),
+            alerts_rx: Some(parts.alerts_rx),
+            summarizer: crate::watch::alerts::Summarizer::new(
+                &cfg.gateway.id,
+                Duration::from_secs(60),
+            ),
+            flows: crate::watch::flows::FlowWatch::new(
+                parts.alerts,
+                parts.device_stats,
+                parts.link_stats,
+            ),
         };
         let text = std::fs::read(&cfg.source).unwrap_or_default();
         let tags: usize = cfg.devices.iter().map(|dv| dv.tag_count()).sum();
@@ -248,8 +269,28 @@ impl Downlink {
                     }
                     None => self.notices = None,
                 },
+                f = async {
+                    match self.alerts_rx.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => match f {
+                    Some(f) => {
+                        if let Some(alert) = self.summarizer.push(f) {
+                            self.emit_alert(alert).await;
+                        }
+                    }
+                    None => self.alerts_rx = None,
+                },
                 _ = reload.tick() => self.reload(false).await,
-                _ = checkpoint.tick() => self.audit.checkpoint_if_due().await,
+                _ = checkpoint.tick() => {
+                    let now = now_ms();
+                    self.flows.tick(now);
+                    for alert in self.summarizer.flush(now) {
+                        self.emit_alert(alert).await;
+                    }
+                    self.audit.checkpoint_if_due().await;
+                }
             }
         }
         self.audit.close("shutdown").await;
@@ -411,6 +452,7 @@ impl Downlink {
         let permit = match decision {
             Decision::Deny(d) => {
                 tracing::info!(command = %cmd.jti, operator = %cmd.operator, tag = %cmd.tag, code = d.code.code(), "command denied");
+                self.flows.denied(&cmd.operator, d.code.code(), now);
                 self.stats.denied.fetch_add(1, Ordering::Relaxed);
                 return self.publish(result).await;
             }
@@ -473,6 +515,7 @@ impl Downlink {
         cmd: Option<&VerifiedCommand>,
     ) {
         self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        self.flows.refused(&r.code, now_ms());
         tracing::warn!(code = %r.code, detail = %r.detail, "command message refused");
         let n = self
             .audit
@@ -494,6 +537,7 @@ impl Downlink {
 
     async fn dropped(&mut self, d: Dropped) {
         self.stats.dropped.fetch_add(d.count, Ordering::Relaxed);
+        self.flows.dropped(d.code, d.count, d.last_ms);
         tracing::warn!(
             code = d.code,
             count = d.count,
@@ -534,6 +578,26 @@ impl Downlink {
             audit_n: None,
             ts_ms: now_ms(),
         }
+    }
+
+    /// Records an alert in the audit log and publishes it signed.
+    async fn emit_alert(&self, alert: twin_model::alert::Alert) {
+        tracing::warn!(code = %alert.code, severity = alert.severity.as_str(), subject = %alert.subject, count = alert.count, "{}", alert.message);
+        if let Ok(mut m) = self.stats.alerts_by_code.lock() {
+            *m.entry(alert.code.clone()).or_default() += alert.count;
+        }
+        let json = serde_json::to_vec(&alert).expect("alert serializes");
+        let _ = self.audit.append(Event::Alert(alert)).await;
+        let msg = Outgoing {
+            topic: self.topics.alerts(),
+            payload: self
+                .key
+                .sign_compact(twin_model::alert::ALERT_TYP, &json)
+                .into_bytes(),
+            retain: false,
+            kind: OutgoingKind::Alert,
+        };
+        let _ = self.out.send(msg).await;
     }
 
     async fn publish(&self, r: CommandResult) {

@@ -68,6 +68,8 @@ pub enum OutgoingKind {
     Result,
     /// A line of the audit log.
     Audit,
+    /// A signed alert.
+    Alert,
 }
 
 /// Command messages received but not yet taken by the downlink, beyond

@@ -50,6 +50,8 @@ pub struct Uplink {
     /// Current values for the command policy (only when commands are
     /// configured).
     pub current: Option<Arc<crate::downlink::current::CurrentTable>>,
+    /// Plausibility checks of the tags that have them (flags before signing).
+    pub sensors: Option<crate::watch::sensors::SensorWatch>,
 }
 
 /// The uplink task. Ends when every device sender is dropped (devices
@@ -70,7 +72,10 @@ pub async fn run(
         reported_interval,
         stats,
         current,
+        mut sensors,
     } = uplink;
+    let mut watch_tick = tokio::time::interval(Duration::from_secs(1));
+    watch_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut twin_tick = tokio::time::interval(reported_interval);
     twin_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut deadline: Option<Instant> = None;
@@ -78,7 +83,12 @@ pub async fn run(
         let flush_at = deadline;
         tokio::select! {
             ev = input.recv() => match ev {
-                Some(ev) => {
+                Some(mut ev) => {
+                    if let Some(w) = sensors.as_mut() {
+                        for s in &mut ev.samples {
+                            w.check(s);
+                        }
+                    }
                     let cycle_done = ev.cycle_done;
                     if let Some(current) = &current {
                         current.update(&ev.samples);
@@ -107,6 +117,11 @@ pub async fn run(
                     emit(&mut signer, &mut reported, &store, b, &stats).await;
                 }
                 deadline = None;
+            }
+            _ = watch_tick.tick(), if sensors.is_some() => {
+                if let Some(w) = sensors.as_mut() {
+                    w.tick(crate::clock::now_ms());
+                }
             }
             _ = twin_tick.tick() => {
                 if let Some(msg) = reported.sign_if_changed(signer.seq()) {
@@ -168,6 +183,7 @@ mod tests {
             reported_interval: Duration::from_secs(3600),
             stats: Arc::new(UplinkStats::default()),
             current: None,
+            sensors: None,
         }
     }
 

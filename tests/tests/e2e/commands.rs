@@ -204,6 +204,7 @@ struct Operator {
     trust: TrustStore,
     results: BTreeMap<String, CommandResult>,
     audit_lines: Vec<String>,
+    alerts: Vec<twin_model::alert::Alert>,
     online: u64,
 }
 
@@ -243,6 +244,7 @@ impl Operator {
             trust,
             results: BTreeMap::new(),
             audit_lines: Vec::new(),
+            alerts: Vec::new(),
             online: 0,
         })
     }
@@ -262,6 +264,12 @@ impl Operator {
                 .map_err(|e| anyhow::anyhow!("a result does not verify: {e}"))?;
             let r: CommandResult = serde_json::from_slice(&v.payload)?;
             self.results.insert(r.message_sha256.clone(), r);
+        } else if topic.ends_with("/alerts") {
+            let v = self
+                .trust
+                .verify_compact(&payload, twin_model::alert::ALERT_TYP, 1 << 20)
+                .map_err(|e| anyhow::anyhow!("an alert does not verify: {e}"))?;
+            self.alerts.push(serde_json::from_slice(&v.payload)?);
         } else if topic.ends_with("/audit") {
             self.audit_lines.push(String::from_utf8(payload)?);
         } else if topic.ends_with("/status") && payload.len() > 10 {
@@ -276,6 +284,15 @@ impl Operator {
             }
         }
         Ok(true)
+    }
+
+    /// Takes every message that arrives during `d`.
+    async fn pump_for(&mut self, d: Duration) -> anyhow::Result<()> {
+        let until = Instant::now() + d;
+        while Instant::now() < until {
+            self.pump(until - Instant::now()).await?;
+        }
+        Ok(())
     }
 
     /// Waits until the gateway has announced itself online `n` times (its
@@ -1354,5 +1371,81 @@ async fn the_metrics_endpoint_counts_what_happened_and_health_follows_the_device
     let (status, _) = http_get(addr, "/other").await?;
     assert!(status.contains("404"), "{status}");
     gw.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_implausible_value_is_flagged_inside_the_signed_sample_and_alerted_once(
+) -> anyhow::Result<()> {
+    init();
+    let mut s = Setup::new("").await?;
+    let text = std::fs::read_to_string(&s.cfg.source)?.replacen(
+        "name = \"tank1.level_setpoint\"\n",
+        "name = \"tank1.level_setpoint\"\ncheck = { min = 0.5, max = 4.5 }\n",
+        1,
+    );
+    s.cfg = write_config(s.pki.root(), &text, 50)?;
+    assert!(s.cfg.checks.contains_key("tank1.level_setpoint"));
+    let mut twin = Twin::start(&s.broker, &s.pki, 64).await?;
+    let mut op = Operator::start(&s).await?;
+    let gw = s.start_gateway().await?;
+    op.wait_online(1).await?;
+    twin.until(Duration::from_secs(10), "telemetry", |t| {
+        t.view().batches >= 10
+    })
+    .await?;
+    // A clean run: no alert.
+    op.pump_for(Duration::from_millis(500)).await?;
+    assert!(op.alerts.is_empty(), "{:?}", op.alerts);
+
+    s.plc.set_holding(tank::LEVEL_SETPOINT, 480); // 4.8 m
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !op.alerts.iter().any(|a| a.code == "sensor_out_of_range") {
+        if Instant::now() > deadline {
+            bail!("no sensor_out_of_range alert: {:?}", op.alerts);
+        }
+        op.pump(Duration::from_millis(100)).await?;
+    }
+    let a = op
+        .alerts
+        .iter()
+        .find(|a| a.code == "sensor_out_of_range")
+        .expect("found above");
+    assert_eq!(a.subject, "tag:tank1.level_setpoint");
+    assert_eq!(a.evidence.get("max"), Some(&serde_json::json!(4.5)));
+    // Every poll is flagged; the alert is not repeated within its window.
+    op.pump_for(Duration::from_millis(600)).await?;
+    assert_eq!(
+        op.alerts
+            .iter()
+            .filter(|a| a.code == "sensor_out_of_range")
+            .count(),
+        1,
+        "{:?}",
+        op.alerts
+    );
+    twin.until(Duration::from_secs(10), "a flagged sample", |t| {
+        t.telemetry.iter().any(|jws| {
+            let payload = jws
+                .split('.')
+                .nth(1)
+                .and_then(twin_model::jws::b64url_decode)
+                .and_then(|b| serde_json::from_slice::<twin_model::BatchPayload>(&b).ok());
+            payload.is_some_and(|p| {
+                p.samples.iter().any(|s| {
+                    s.tag == "tank1.level_setpoint" && s.flags == vec!["out_of_range".to_string()]
+                })
+            })
+        })
+    })
+    .await?;
+    assert!(twin.rejections().is_empty(), "{:?}", twin.rejections());
+    gw.stop().await;
+    let audited = std::fs::read_to_string(&s.cfg.audit.file)?
+        .lines()
+        .filter(|l| l.contains(r#""kind":"alert""#))
+        .count();
+    assert!(audited >= 1, "the alert is in the audit log");
+    s.plc.stop().await;
     Ok(())
 }
