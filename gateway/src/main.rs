@@ -386,7 +386,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         } => match gateway::config::load(&config) {
             Ok(cfg) if json => {
                 let mut opts = gateway::selfcheck::CheckOptions::at(gateway::clock::now_ms());
-                opts.dev_profile = dev;
+                opts.dev_profile = dev || cfg.gateway.dev_profile;
                 opts.expiry_warning_days = expiry_days;
                 let report = gateway::selfcheck::check(&cfg, &opts);
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -431,7 +431,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 let commands_ok = check_commands(&cfg);
                 let mut opts = gateway::selfcheck::CheckOptions::at(gateway::clock::now_ms());
-                opts.dev_profile = dev;
+                opts.dev_profile = dev || cfg.gateway.dev_profile;
                 opts.expiry_warning_days = expiry_days;
                 let report = gateway::selfcheck::check(&cfg, &opts);
                 if report.findings.is_empty() {

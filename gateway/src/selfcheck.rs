@@ -37,6 +37,10 @@
 //! run). A process with `CAP_DAC_OVERRIDE` (root with its capabilities) may
 //! write any folder; the container runs without it, as uid 65532.
 
+/// JWS `typ` of the self-check report the gateway publishes (retained) on
+/// `{prefix}/{gateway_id}/selfcheck`.
+pub const REPORT_TYP: &str = "twin-selfcheck+jws";
+
 use std::collections::BTreeSet;
 use std::fmt;
 use std::fs::{self, Metadata, OpenOptions};

@@ -21,6 +21,8 @@ pub const RESULT: &str = "result";
 /// Signed alerts: findings of the gateway's watch over sensor data,
 /// commands and itself (QoS 1, not retained).
 pub const ALERTS: &str = "alerts";
+/// The gateway's security self-check report (QoS 1, retained).
+pub const SELFCHECK: &str = "selfcheck";
 /// The gateway's audit records, each line exactly as written to its audit
 /// log (QoS 1, not retained).
 pub const AUDIT: &str = "audit";
@@ -63,6 +65,9 @@ impl Topics {
     }
     pub fn alerts(&self) -> String {
         format!("{}/{ALERTS}", self.base)
+    }
+    pub fn selfcheck(&self) -> String {
+        format!("{}/{SELFCHECK}", self.base)
     }
     /// Filter matching every topic of this gateway.
     pub fn all(&self) -> String {

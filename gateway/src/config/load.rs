@@ -287,7 +287,7 @@ impl Loader<'_> {
     }
 
     fn gateway(&mut self, t: &Table<'_, '_>) -> Option<GatewayConfig> {
-        self.r.unknown_keys(t, &["id", "data_dir"]);
+        self.r.unknown_keys(t, &["id", "data_dir", "profile"]);
         let id = self.r.string(t, "id").and_then(|id| {
             if twin_model::topics::valid_level(id.get_ref()) {
                 Some(id.into_inner())
@@ -308,9 +308,13 @@ impl Loader<'_> {
         let id = self.r.required(t, "id", "\"plant1-gw1\"", id);
         let data_dir = self.r.non_empty(t, "data_dir");
         let data_dir = self.r.required(t, "data_dir", "\"data\"", data_dir);
+        let profile = self
+            .r
+            .choice(t, "profile", &[("production", false), ("dev", true)]);
         Some(GatewayConfig {
             id: id.value()?,
             data_dir: self.resolve(&data_dir.value()?),
+            dev_profile: profile.or(false)?,
         })
     }
 

@@ -148,6 +148,9 @@ pub struct GatewayConfig {
     pub id: String,
     /// Durable state: chain position, outbox, replay store and (by default) the audit log.
     pub data_dir: PathBuf,
+    /// `dev`: development PKI material is expected (the security
+    /// self-check then reports it as info, not critical). Default production.
+    pub dev_profile: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -103,6 +103,7 @@ struct Commands {
 
 /// The downlink worker: the audit log's owner, and the command path.
 pub struct Downlink {
+    config: Arc<Config>,
     gateway_id: String,
     key: Arc<SigningKey>,
     topics: Topics,
@@ -169,6 +170,7 @@ impl Downlink {
         .await;
         let stats = Arc::new(DownlinkStats::default());
         let mut d = Downlink {
+            config: cfg.clone(),
             gateway_id: cfg.gateway.id.clone(),
             key: parts.key,
             topics: parts.topics,
@@ -237,6 +239,8 @@ impl Downlink {
         let mut reload = tokio::time::interval(reload_every);
         reload.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut checkpoint = tokio::time::interval(Duration::from_secs(1));
+        // The security self-check at start and then hourly.
+        let mut selfcheck = tokio::time::interval(Duration::from_secs(3600));
         loop {
             tokio::select! {
                 biased;
@@ -283,6 +287,7 @@ impl Downlink {
                     None => self.alerts_rx = None,
                 },
                 _ = reload.tick() => self.reload(false).await,
+                _ = selfcheck.tick() => self.selfcheck().await,
                 _ = checkpoint.tick() => {
                     let now = now_ms();
                     self.flows.tick(now);
@@ -578,6 +583,39 @@ impl Downlink {
             audit_n: None,
             ts_ms: now_ms(),
         }
+    }
+
+    /// Runs the security self-check, logs its findings and publishes the
+    /// report signed and retained on the self-check topic.
+    async fn selfcheck(&self) {
+        let cfg = self.config.clone();
+        let report = tokio::task::spawn_blocking(move || {
+            let mut opts = crate::selfcheck::CheckOptions::at(now_ms());
+            opts.dev_profile = cfg.gateway.dev_profile;
+            crate::selfcheck::check(&cfg, &opts)
+        })
+        .await;
+        let Ok(report) = report else {
+            return;
+        };
+        for f in &report.findings {
+            if f.severity >= crate::selfcheck::Severity::Medium {
+                tracing::warn!(code = f.code, severity = %f.severity, subject = %f.subject, fix = %f.fix, "security self-check: {}", f.message);
+            } else {
+                tracing::info!(code = f.code, severity = %f.severity, subject = %f.subject, "security self-check: {}", f.message);
+            }
+        }
+        let json = serde_json::to_vec(&report).expect("report serializes");
+        let msg = Outgoing {
+            topic: self.topics.selfcheck(),
+            payload: self
+                .key
+                .sign_compact(crate::selfcheck::REPORT_TYP, &json)
+                .into_bytes(),
+            retain: true,
+            kind: OutgoingKind::Alert,
+        };
+        let _ = self.out.send(msg).await;
     }
 
     /// Records an alert in the audit log and publishes it signed.
