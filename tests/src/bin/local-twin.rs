@@ -69,12 +69,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let broker_port = start_demo_broker(&pki)?;
 
     let config_path = dir.join("gateway.toml");
-    let mut text = twin_testkit::render_example_config(broker_port, plc.addr())?
-        .replacen(
-            "# profile = \"production\"",
-            "profile = \"dev\"",
-            1,
-        );
+    let mut text = twin_testkit::render_example_config(broker_port, plc.addr())?.replacen(
+        "# profile = \"production\"",
+        "profile = \"dev\"",
+        1,
+    );
     text.push_str(&opcua_device(&opc.endpoint_url()));
     std::fs::write(&config_path, text)?;
     let cfg = gateway::config::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
