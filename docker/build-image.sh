@@ -4,7 +4,7 @@
 #
 #   1. cargo build of a static (glibc, +crt-static) gateway binary into a
 #      separate target dir (target/static), so it never fights the normal build;
-#   2. stages it, stripped of debug info, in target/static/image/ (with the
+#   2. stages it, stripped of debug info and symbols, in target/static/image/ (with the
 #      empty data and config folders of the image);
 #   3. podman build -f docker/Dockerfile --build-arg BINARIES=prebuilt:
 #      the same Dockerfile a Docker host builds from source.
@@ -63,8 +63,10 @@ rm -rf "$stage"
 mkdir -p "$stage/skel-gateway/data" "$stage/skel-root/config"
 chmod 0755 "$stage" "$stage/skel-gateway" "$stage/skel-root" "$stage/skel-root/config"
 chmod 0700 "$stage/skel-gateway/data"
+# All symbols go (the unstripped binaries stay in target/static for
+# debugging a crash report); the image stays within its 25 MB budget.
 for b in "${bins[@]}"; do
-  strip --strip-debug -o "$stage/$b" "target/static/$target/release/$b"
+  strip --strip-all -o "$stage/$b" "target/static/$target/release/$b"
 done
 
 revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)
