@@ -7,7 +7,10 @@
 //! - a small tank under `Tank1`: `Tank1.Level` (Double, read-only, a slow
 //!   sine between 1.0 and 4.0), `Tank1.Counter` (UInt32, read-only, +1), both
 //!   updated every 100 ms; `Tank1.Setpoint` (Double), `Tank1.Mode` (UInt16) and
-//!   `Tank1.Pump` (Boolean), writable (AccessLevel CurrentRead|CurrentWrite).
+//!   `Tank1.Pump` (Boolean), writable (AccessLevel CurrentRead|CurrentWrite);
+//! - for load tests, [`OpcUaSimOptions::bulk`] read-only Double variables
+//!   `Bulk.0` ... `Bulk.{n-1}` under `Bulk`, all changed every 100 ms to
+//!   [`bulk_value`] of a tick counter (not affected by [`OpcUaSim::freeze`]).
 //!
 //! Writes are checked the way real servers check them: a value whose type
 //! is not exactly the variable's DataType gets `BadTypeMismatch` (the
@@ -118,6 +121,31 @@ pub const TANK_NODES: [&str; 5] = [
 /// The writable variables (CurrentRead|CurrentWrite); all others are read-only.
 pub const WRITABLE_NODES: [&str; 3] = ["Tank1.Setpoint", "Tank1.Mode", "Tank1.Pump"];
 
+/// Folder (and name prefix before the `.`) of the bulk variables.
+pub const BULK_FOLDER: &str = "Bulk";
+
+/// String identifier of bulk variable `i`: `Bulk.{i}`.
+pub fn bulk_node(i: u32) -> String {
+    format!("{BULK_FOLDER}.{i}")
+}
+
+/// The value of bulk variable `i` after `tick` updates (every 100 ms):
+/// `tick + i * 0.001`. Every variable changes at every tick, and a reader
+/// gets the tick back as `(value - i * 0.001).round()`.
+pub fn bulk_value(tick: u64, i: u32) -> f64 {
+    tick as f64 + f64::from(i) * 0.001
+}
+
+/// The index of a bulk node id (`"Bulk.17"` -> 17), whatever the bulk count.
+fn bulk_index(node: &str) -> Option<u32> {
+    let i = node.strip_prefix(BULK_FOLDER)?.strip_prefix('.')?;
+    // No sign, no leading zeros: exactly what `bulk_node` writes.
+    if i.starts_with(['+', '-']) || (i.len() > 1 && i.starts_with('0')) {
+        return None;
+    }
+    i.parse().ok()
+}
+
 /// The fixed value of `Types.DateTime`: 2024-05-17T12:30:00Z.
 pub fn fixed_date_time() -> DateTime {
     DateTime::ymd_hms(2024, 5, 17, 12, 30, 0)
@@ -156,8 +184,21 @@ pub fn level_at(counter: u32) -> f64 {
     2.5 + 1.5 * phase.sin()
 }
 
-fn all_nodes() -> impl Iterator<Item = &'static str> {
-    TYPE_NODES.into_iter().chain(TANK_NODES)
+/// The identifiers of every variable of a simulator with `bulk` bulk variables.
+fn all_nodes(bulk: u32) -> impl Iterator<Item = String> {
+    TYPE_NODES
+        .into_iter()
+        .chain(TANK_NODES)
+        .map(str::to_string)
+        .chain((0..bulk).map(bulk_node))
+}
+
+/// The value a node of a simulator with `bulk` bulk variables starts with.
+fn start_value(node: &str, bulk: u32) -> Option<Variant> {
+    match bulk_index(node) {
+        Some(i) if i < bulk => Some(Variant::Double(bulk_value(0, i))),
+        _ => initial_value(node),
+    }
 }
 
 /// Which endpoints the server offers (all on path `/`).
@@ -228,6 +269,23 @@ pub struct OpcUaSimOptions {
     pub expired_cert: bool,
     /// Start with the tank frozen (`Tank1.Level` and `Tank1.Counter` do not move).
     pub frozen: bool,
+    /// Number of bulk variables `Bulk.0` .. `Bulk.{bulk-1}` (default 0), see
+    /// [`bulk_value`]. With bulk variables the server's limits are raised so
+    /// that one CreateMonitoredItems call and one subscription can hold them
+    /// all (async-opcua's defaults are 1000 monitored items per call and per
+    /// subscription, arrays of at most 1000 elements in a request, and
+    /// messages up to 5 chunks of 64 KiB), unless `default_limits` is set.
+    /// The subscriptions are also checked every 1 ms instead of every 100 ms
+    /// (see `launch`), so that a 100 ms publishing interval really is (about)
+    /// 100 ms.
+    /// The client needs room too: an async-opcua client decodes arrays of at
+    /// most 1000 elements unless told otherwise (`max_array_length`), so it
+    /// cannot read a CreateMonitoredItems response or a notification
+    /// message with more items than that.
+    pub bulk: u32,
+    /// Keep async-opcua's default server limits even with bulk variables
+    /// (to see how a client copes with a server that limits).
+    pub default_limits: bool,
 }
 
 impl OpcUaSimOptions {
@@ -244,7 +302,14 @@ impl OpcUaSimOptions {
             allow_anonymous: false,
             expired_cert: false,
             frozen: false,
+            bulk: 0,
+            default_limits: false,
         }
+    }
+    /// Adds `n` bulk variables `Bulk.0` .. `Bulk.{n-1}` (see [`OpcUaSimOptions::bulk`]).
+    pub fn bulk(mut self, n: u32) -> Self {
+        self.bulk = n;
+        self
     }
     /// Adds a user.
     pub fn user(mut self, name: impl Into<String>, password: impl Into<String>) -> Self {
@@ -403,12 +468,23 @@ fn populate(space: &mut AddressSpace, ns: u16, values: &[(String, DataValue)]) {
         .has_type_definition(ObjectTypeId::BaseObjectType)
         .organized_by(ObjectId::ObjectsFolder)
         .insert(space);
+    let bulk = NodeId::new(ns, BULK_FOLDER);
+    if values.iter().any(|(n, _)| bulk_index(n).is_some()) {
+        ObjectBuilder::new(&bulk, QualifiedName::new(ns, BULK_FOLDER), BULK_FOLDER)
+            .is_folder()
+            .organized_by(ObjectId::ObjectsFolder)
+            .insert(space);
+    }
     for (node, dv) in values {
         let (parent, name) = node.split_once('.').unwrap_or(("Types", node));
-        let data_type = initial_value(node)
-            .and_then(|v| v.data_type())
-            .map(|t| t.node_id)
-            .unwrap_or_else(NodeId::null);
+        let data_type = if bulk_index(node).is_some() {
+            Some(Variant::Double(0.0))
+        } else {
+            initial_value(node)
+        }
+        .and_then(|v| v.data_type())
+        .map(|t| t.node_id)
+        .unwrap_or_else(NodeId::null);
         let access = if WRITABLE_NODES.contains(&node.as_str()) {
             AccessLevel::CURRENT_READ | AccessLevel::CURRENT_WRITE
         } else {
@@ -424,6 +500,8 @@ fn populate(space: &mut AddressSpace, ns: u16, values: &[(String, DataValue)]) {
             .has_type_definition(VariableTypeId::BaseDataVariableType);
         let builder = if parent == "Tank1" {
             builder.component_of(tank.clone())
+        } else if parent == BULK_FOLDER {
+            builder.organized_by(bulk.clone())
         } else {
             builder.organized_by(types.clone())
         };
@@ -477,10 +555,10 @@ impl OpcUaSim {
             })?;
         let addr = listener.local_addr().context("OPC UA simulator address")?;
         let now = DateTime::now();
-        let saved = all_nodes()
+        let saved = all_nodes(opts.bulk)
             .map(|n| {
-                let v = initial_value(n).unwrap_or_default();
-                (n.to_string(), DataValue::new_at(v, now))
+                let v = start_value(&n, opts.bulk).unwrap_or_default();
+                (n, DataValue::new_at(v, now))
             })
             .collect();
         let sim = OpcUaSim {
@@ -561,6 +639,34 @@ impl OpcUaSim {
             let id = format!("{policy}_{mode:?}").to_lowercase();
             builder = builder.add_endpoint(id, ServerEndpoint::new("/", policy, mode, &token_ids));
         }
+        if self.opts.bulk > 0 {
+            // async-opcua checks whether a subscription's publishing interval
+            // has elapsed only on this timer (100 ms by default), measured
+            // from when the previous check ran: with a publishing interval
+            // of 100 ms, a check that runs a little early waits for the next
+            // one, so the subscription publishes every 100 or 200 ms (about
+            // a third of the changes of a 100 ms bulk variable are lost with
+            // queue size 1). Checked every 1 ms, a publish comes at most a
+            // millisecond late; as the next interval counts from there, the
+            // period is still a little over 100 ms, and a client with queue
+            // size 1 loses about 1 % of the changes (measured with
+            // `opcua-bench`; checked every 10 ms: 6 %).
+            builder = builder.subscription_poll_interval_ms(1);
+        }
+        if self.opts.bulk > 0 && !self.opts.default_limits {
+            let items = usize::try_from(self.opts.bulk)
+                .unwrap_or(usize::MAX)
+                .saturating_add(TYPE_NODES.len() + TANK_NODES.len());
+            let limits = builder.limits_mut();
+            // Arrays in requests (the items of one CreateMonitoredItems).
+            limits.max_array_length = limits.max_array_length.max(items);
+            limits.subscriptions.max_monitored_items_per_sub = 0; // no limit
+            limits.operational.max_monitored_items_per_call = items;
+            limits.operational.max_nodes_per_read =
+                limits.operational.max_nodes_per_read.max(items);
+            limits.max_message_size = 64 << 20;
+            limits.max_chunk_count = 0; // no limit but the size
+        }
         let (server, handle): (Server, ServerHandle) = builder
             .build()
             .map_err(|e| anyhow::anyhow!("OPC UA simulator configuration: {e}"))?;
@@ -569,7 +675,12 @@ impl OpcUaSim {
             .get_of_type::<SimNodeManager>()
             .context("the simulator node manager is registered")?;
         let server = tokio::spawn(server.run_with(listener));
-        let ticker = spawn_ticker(nodes.clone(), handle.clone(), self.shared.clone());
+        let ticker = spawn_ticker(
+            nodes.clone(),
+            handle.clone(),
+            self.shared.clone(),
+            self.opts.bulk,
+        );
         state.running = Some(Running {
             handle,
             nodes,
@@ -636,13 +747,23 @@ impl OpcUaSim {
     pub fn writes(&self) -> Vec<SimWrite> {
         lock(&self.shared.writes).clone()
     }
-    /// Stops (or resumes) `Tank1.Level` and `Tank1.Counter`.
+    /// Stops (or resumes) `Tank1.Level` and `Tank1.Counter` (the bulk
+    /// variables keep moving).
     pub fn freeze(&self, on: bool) {
         self.shared.frozen.store(on, Ordering::SeqCst);
     }
     /// Whether the server is running (not stopped).
     pub fn is_running(&self) -> bool {
         lock(&self.state).running.is_some()
+    }
+
+    /// The number of bulk variables.
+    pub fn bulk(&self) -> u32 {
+        self.opts.bulk
+    }
+    /// Whether the simulator has a variable with this string identifier.
+    pub fn has_node(&self, node: &str) -> bool {
+        start_value(node, self.opts.bulk).is_some()
     }
 
     /// Current value of a node given by its string identifier
@@ -676,7 +797,7 @@ impl OpcUaSim {
     }
     /// Sets a node's whole data value and notifies subscribers.
     pub fn set_data_value(&self, node: &str, dv: DataValue) -> anyhow::Result<()> {
-        if initial_value(node).is_none() {
+        if !self.has_node(node) {
             bail!("the OPC UA simulator has no node {node:?}");
         }
         let mut state = lock(&self.state);
@@ -705,8 +826,8 @@ impl OpcUaSim {
                 return;
             };
             running.ticker.abort();
-            state.saved = all_nodes()
-                .filter_map(|n| read_node(&running.nodes, n).map(|dv| (n.to_string(), dv)))
+            state.saved = all_nodes(self.opts.bulk)
+                .filter_map(|n| read_node(&running.nodes, &n).map(|dv| (n, dv)))
                 .collect();
             running
         };
@@ -770,32 +891,58 @@ fn spawn_ticker(
     nodes: Arc<SimNodeManager>,
     handle: ServerHandle,
     shared: Arc<Shared>,
+    bulk: u32,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
+        let first = tick.tick().await;
+        let first_ticks = DateTime::now().ticks();
         let ns = nodes.inner().ns;
         let counter_id = NodeId::new(ns, "Tank1.Counter");
         let level_id = NodeId::new(ns, "Tank1.Level");
+        let bulk_ids: Vec<NodeId> = (0..bulk).map(|i| NodeId::new(ns, bulk_node(i))).collect();
+        // After a restart the bulk values continue from where they stopped.
+        let mut bulk_tick = match read_node(&nodes, &bulk_node(0)).and_then(|dv| dv.value) {
+            Some(Variant::Double(v)) if v.is_finite() && v >= 0.0 => v.round() as u64,
+            _ => 0,
+        };
         loop {
-            tick.tick().await;
-            if shared.frozen.load(Ordering::SeqCst) {
-                continue;
+            let at = tick.tick().await;
+            if !shared.frozen.load(Ordering::SeqCst) {
+                let counter = match read_node(&nodes, "Tank1.Counter").and_then(|dv| dv.value) {
+                    Some(Variant::UInt32(c)) => c.wrapping_add(1),
+                    _ => 0,
+                };
+                let now = DateTime::now();
+                let _ = nodes.set_values(
+                    handle.subscriptions(),
+                    [
+                        (&counter_id, None, DataValue::new_at(counter, now)),
+                        (&level_id, None, DataValue::new_at(level_at(counter), now)),
+                    ]
+                    .into_iter(),
+                );
             }
-            let counter = match read_node(&nodes, "Tank1.Counter").and_then(|dv| dv.value) {
-                Some(Variant::UInt32(c)) => c.wrapping_add(1),
-                _ => 0,
-            };
-            let now = DateTime::now();
-            let _ = nodes.set_values(
-                handle.subscriptions(),
-                [
-                    (&counter_id, None, DataValue::new_at(counter, now)),
-                    (&level_id, None, DataValue::new_at(level_at(counter), now)),
-                ]
-                .into_iter(),
-            );
+            if !bulk_ids.is_empty() {
+                bulk_tick += 1;
+                // Stamped with the scheduled time of the tick, not the time
+                // the task ran: ticks are never less than 100 ms apart, so a
+                // monitored item sampling every 100 ms lets every change
+                // through (the server holds back a value stamped less than a
+                // sampling interval after the previous one and delivers it
+                // later, shifting its timestamp).
+                let offset = i64::try_from(at.duration_since(first).as_nanos() / 100)
+                    .unwrap_or(i64::MAX / 2);
+                let ts = DateTime::from(first_ticks.saturating_add(offset));
+                let _ = nodes.set_values(
+                    handle.subscriptions(),
+                    bulk_ids
+                        .iter()
+                        .zip(0u32..)
+                        .map(|(id, i)| (id, None, DataValue::new_at(bulk_value(bulk_tick, i), ts))),
+                );
+            }
         }
     })
 }
@@ -985,6 +1132,8 @@ mod tests {
             .session_retry_initial(Duration::from_millis(100))
             .session_retry_max(Duration::from_millis(500))
             .request_timeout(Duration::from_secs(5))
+            // Room for the bulk test's 1500 monitored items in one response.
+            .max_array_length(1 << 16)
             .client()
             .unwrap();
         let url = sim.endpoint_url();
@@ -1272,6 +1421,111 @@ mod tests {
         .expect("notifications resume after the restart");
         assert!(resumed > second);
         c.close().await;
+    }
+
+    #[tokio::test]
+    async fn bulk_variables_change_every_tick_and_fit_one_subscription() {
+        use opcua::client::DataChangeCallback;
+        use opcua::types::MonitoredItemCreateRequest;
+        // More than async-opcua's default limit of 1000 monitored items per
+        // call and per subscription.
+        const N: u32 = 1500;
+        let dir = tempfile::tempdir().unwrap();
+        let sim = OpcUaSim::start(sim_opts(dir.path()).bulk(N)).await.unwrap();
+        assert_eq!(sim.bulk(), N);
+        assert!(sim.has_node("Bulk.0") && sim.has_node("Bulk.1499"));
+        assert!(!sim.has_node("Bulk.1500") && !sim.has_node("Bulk.01"));
+        assert!(sim.has_node("Tank1.Level"));
+        let c = connect(
+            &sim,
+            dir.path(),
+            SecurityPolicy::Basic256Sha256,
+            MessageSecurityMode::SignAndEncrypt,
+            user(),
+        )
+        .await
+        .unwrap();
+        let ns = ns_index(&c.session).await;
+        let tick_of = |i: u32, v: &Option<Variant>| -> u64 {
+            let Some(Variant::Double(v)) = v else {
+                panic!("Bulk.{i}: {v:?}")
+            };
+            let tick = (v - f64::from(i) * 0.001).round();
+            assert_eq!(bulk_value(tick as u64, i), *v, "Bulk.{i}");
+            tick as u64
+        };
+        let first = tick_of(7, &read(&c.session, node(ns, "Bulk.7")).await.value);
+        // Read-only, and the tank is unchanged beside it.
+        let s = write(&c.session, node(ns, "Bulk.7"), Variant::Double(1.0)).await;
+        assert_eq!(s, StatusCode::BadNotWritable);
+        let dv = read(&c.session, node(ns, "Types.Int32")).await;
+        assert_eq!(dv.value, Some(Variant::Int32(-123_456)));
+
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let sub = c
+            .session
+            .create_subscription(
+                Duration::from_millis(100),
+                100,
+                10,
+                0,
+                0,
+                true,
+                DataChangeCallback::new(move |dv, item| {
+                    let _ = tx.send((item.client_handle(), dv.value));
+                }),
+            )
+            .await
+            .unwrap();
+        let items: Vec<MonitoredItemCreateRequest> = (0..N)
+            .map(|i| {
+                let mut r: MonitoredItemCreateRequest = node(ns, &bulk_node(i)).into();
+                r.requested_parameters.client_handle = i + 1;
+                r.requested_parameters.sampling_interval = 100.0;
+                r.requested_parameters.queue_size = 1;
+                r
+            })
+            .collect();
+        let created = c
+            .session
+            .create_monitored_items(sub, TimestampsToReturn::Both, items)
+            .await
+            .unwrap();
+        assert_eq!(created.len(), N as usize);
+        assert!(created.iter().all(|c| c.result.status_code.is_good()));
+        // Every item reports, every report is a newer tick.
+        let mut last = vec![None::<u64>; N as usize];
+        let mut changes = vec![0u32; N as usize];
+        let until = tokio::time::Instant::now() + Duration::from_secs(2);
+        while let Ok(Some((handle, value))) = tokio::time::timeout_at(until, rx.recv()).await {
+            let i = handle - 1;
+            let tick = tick_of(i, &value);
+            let slot = &mut last[i as usize];
+            if let Some(prev) = *slot {
+                assert!(tick > prev, "Bulk.{i}: tick {tick} after {prev}");
+                changes[i as usize] += 1;
+            }
+            *slot = Some(tick);
+        }
+        for i in 0..N {
+            assert!(
+                changes[i as usize] >= 3,
+                "Bulk.{i} changed {} times",
+                changes[i as usize]
+            );
+        }
+        assert!(last[7].unwrap() > first);
+        c.close().await;
+
+        // A restart keeps the ticks going from where they were.
+        sim.stop().await;
+        let at_stop = tick_of(0, &sim.value("Bulk.0"));
+        sim.restart().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        let now = tick_of(0, &sim.value("Bulk.0"));
+        assert!(now > at_stop, "{now} <= {at_stop}");
+        // (A tick may fall between the two reads.)
+        assert!(tick_of(N - 1, &sim.value("Bulk.1499")).abs_diff(now) <= 1);
     }
 
     #[tokio::test]

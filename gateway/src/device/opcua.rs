@@ -52,6 +52,9 @@ use crate::config::{
 use crate::metrics::DeviceStats;
 use crate::policy::WritePermit;
 
+/// Monitored items created per CreateMonitoredItems call.
+const MONITORED_ITEMS_PER_CALL: usize = 500;
+
 /// Prefix of the reason of a sample whose OPC UA status is not good.
 pub const STATUS_PREFIX: &str = "opcua:";
 
@@ -341,6 +344,10 @@ impl OpcUaDriver {
             // keep-alives without an answer.
             .max_failed_keep_alive_count(3)
             .request_timeout(c.request_timeout)
+            // The library's default (1000) refuses a notification or a
+            // reply with more values than that and drops the connection:
+            // a device with thousands of tags needs more.
+            .max_array_length(1_000_000)
             .recreate_subscriptions(true)
             .session_timeout(60_000)
             .client()
@@ -704,10 +711,19 @@ impl OpcUaDriver {
                 },
             ));
         }
-        let created = session
-            .create_monitored_items(id, TimestampsToReturn::Both, items)
-            .await
-            .map_err(|e| e.to_string())?;
+        // In calls of at most 500 items: servers limit the items per call.
+        let mut created = Vec::with_capacity(items.len());
+        let mut rest = items;
+        while !rest.is_empty() {
+            let tail = rest.split_off(rest.len().min(MONITORED_ITEMS_PER_CALL));
+            created.extend(
+                session
+                    .create_monitored_items(id, TimestampsToReturn::Both, rest)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
+            rest = tail;
+        }
         let monitored = cfg.tags.iter().zip(nodes).filter(|(_, n)| n.is_some());
         for (c, (t, _)) in created.iter().zip(monitored) {
             if !c.result.status_code.is_good() {

@@ -4,7 +4,13 @@
 //! ```text
 //! opcua-sim --port 4840 --pki ./opcua-sim-pki --user operator:secret
 //! opcua-sim --port 4840 --pki ./opcua-sim-pki --allow-none --anonymous
+//! opcua-sim --port 4840 --pki ./opcua-sim-pki --user operator:secret --bulk 5000
 //! ```
+//!
+//! `--bulk N` adds N read-only Double variables `Bulk.0` .. `Bulk.{N-1}`
+//! (`nsu=urn:twin-gateway:opcua-sim;s=Bulk.17`), all changing every 100 ms,
+//! and raises the server's monitored-item limits to fit them (unless
+//! `--default-limits`).
 //!
 //! The server certificate is `<pki>/own/cert.der` (DER); a client trusts it
 //! by copying it into its trust list (for an async-opcua client:
@@ -65,6 +71,13 @@ struct Args {
     /// Keep Tank1.Level and Tank1.Counter still.
     #[arg(long)]
     freeze: bool,
+    /// Add N Double variables Bulk.0 .. Bulk.{N-1}, all changing every 100 ms.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    bulk: u32,
+    /// Keep async-opcua's default limits (1000 monitored items per call and
+    /// per subscription) even with --bulk.
+    #[arg(long)]
+    default_limits: bool,
 }
 
 fn parse_user(s: &str) -> Result<(String, String), String> {
@@ -101,6 +114,8 @@ async fn main() -> anyhow::Result<()> {
     opts.host_names = args.host;
     opts.expired_cert = args.expired_cert;
     opts.frozen = args.freeze;
+    opts.bulk = args.bulk;
+    opts.default_limits = args.default_limits;
     let users: Vec<String> = opts.users.iter().map(|(n, _)| n.clone()).collect();
     let sim = OpcUaSim::start(opts).await?;
     println!("opcua-sim listening on {}", sim.endpoint_url());
@@ -116,6 +131,17 @@ async fn main() -> anyhow::Result<()> {
         },
         if args.anonymous { " (+ anonymous)" } else { "" }
     );
+    if args.bulk > 0 {
+        println!(
+            "  bulk: Bulk.0 .. Bulk.{} (Double, every 100 ms){}",
+            args.bulk - 1,
+            if args.default_limits {
+                ", default server limits"
+            } else {
+                ""
+            }
+        );
+    }
     println!("  certificate {}", sim.server_cert_path().display());
     println!(
         "  trust it as <client pki>/trusted/{}",
