@@ -7,6 +7,7 @@
 //! - [`python`]: pymodbus peer (and the virtual environment it runs in)
 //! - [`opcua_sim`]: OPC UA simulator server (typed variables, a tank; async-opcua)
 
+pub mod bench;
 pub mod mosquitto;
 pub mod opcua_sim;
 pub mod pki;

@@ -55,6 +55,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use twin_model::{Quality, Value};
+use twin_testkit::bench::{clock_ticks, created_ms, now_ms, proc_stat, stat_cpu};
 use twin_testkit::mosquitto::{BrokerOptions, Identity, Mosquitto};
 use twin_testkit::opcua_sim::{bulk_node, OpcUaSim, OpcUaSimOptions, SimSecurity, NAMESPACE_URI};
 use twin_testkit::pki::TestPki;
@@ -99,38 +100,6 @@ const PASSWORD: &str = "bench-pass";
 /// Thread name of the simulator's runtime (at most 15 bytes: /proc comm).
 const SIM_THREAD: &str = "opcua-sim";
 const WARMUP: Duration = Duration::from_secs(3);
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
-}
-
-fn clock_ticks() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
-}
-
-/// utime + stime in seconds from a /proc/.../stat line.
-fn stat_cpu(stat: &str) -> Option<f64> {
-    let after_comm = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some(ticks as f64 / clock_ticks())
-}
-
-/// RSS (KiB) and CPU seconds of a process.
-fn proc_stat(pid: u32) -> anyhow::Result<(u64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("VmRSS")?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    Ok((rss_kib, stat_cpu(&stat).context("stat")?))
-}
 
 /// CPU seconds of this process's threads named `name`.
 fn threads_cpu(name: &str) -> f64 {
@@ -187,25 +156,6 @@ fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
-}
-
-/// `created_ms` of a signed batch, from the start of its payload (the field
-/// precedes the samples), without decoding the whole message.
-fn created_ms(jws: &[u8]) -> Option<u64> {
-    let dot = jws.iter().position(|b| *b == b'.')?;
-    let rest = &jws[dot + 1..];
-    let head = &rest[..rest.len().min(320)];
-    let head = &head[..head.iter().position(|b| *b == b'.').unwrap_or(head.len())];
-    let head = &head[..head.len() / 4 * 4];
-    let json = twin_model::jws::b64url_decode(std::str::from_utf8(head).ok()?)?;
-    let key = b"\"created_ms\":";
-    let at = json.windows(key.len()).position(|w| w == key)? + key.len();
-    let digits: String = json[at..]
-        .iter()
-        .take_while(|b| b.is_ascii_digit())
-        .map(|b| *b as char)
-        .collect();
-    digits.parse().ok()
 }
 
 /// The verifying twin.

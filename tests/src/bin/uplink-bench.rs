@@ -32,6 +32,7 @@ use clap::Parser;
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use twin_testkit::bench::{created_ms, now_ms, proc_stat};
 use twin_testkit::mosquitto::{BrokerOptions, Identity, Mosquitto};
 use twin_testkit::pki::TestPki;
 use twin_testkit::sim::PlcSim;
@@ -62,32 +63,6 @@ struct Args {
 
 /// System calls that force data to disk.
 const SYNC_CALLS: &str = "fsync,fdatasync,sync_file_range,msync,syncfs";
-
-/// `created_ms` of a signed batch, from the start of its payload (the field
-/// precedes the samples), without decoding the whole message.
-fn created_ms(jws: &[u8]) -> Option<u64> {
-    let dot = jws.iter().position(|b| *b == b'.')?;
-    let rest = &jws[dot + 1..];
-    let head = &rest[..rest.len().min(320)];
-    let head = &head[..head.iter().position(|b| *b == b'.').unwrap_or(head.len())];
-    let head = &head[..head.len() / 4 * 4];
-    let json = twin_model::jws::b64url_decode(std::str::from_utf8(head).ok()?)?;
-    let key = b"\"created_ms\":";
-    let at = json.windows(key.len()).position(|w| w == key)? + key.len();
-    let digits: String = json[at..]
-        .iter()
-        .take_while(|b| b.is_ascii_digit())
-        .map(|b| *b as char)
-        .collect();
-    digits.parse().ok()
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
-}
 
 /// The verifying twin: a persistent or clean MQTT session and the watcher.
 struct Twin {
@@ -149,23 +124,6 @@ fn sync_calls(trace: &str, from_ms: u64, to_ms: u64) -> u64 {
         .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         .filter(|t| (from_ms as f64..to_ms as f64).contains(&(t * 1000.0)))
         .count() as u64
-}
-
-fn proc_stat(pid: u32) -> anyhow::Result<(u64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("VmRSS")?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after_comm = stat.rsplit_once(')').context("stat")?.1;
-    let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    let ticks: u64 = fields.get(11).context("utime")?.parse::<u64>()?
-        + fields.get(12).context("stime")?.parse::<u64>()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok((rss_kib, ticks as f64 / hz))
 }
 
 fn main() -> anyhow::Result<()> {

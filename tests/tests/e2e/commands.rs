@@ -29,7 +29,7 @@ fn now_s() -> u64 {
 }
 
 /// Command claims for `sub` writing `value` to `tag`, valid for two minutes.
-fn claims(sub: &str, tag: &str, value: Value) -> CommandClaims {
+pub(crate) fn claims(sub: &str, tag: &str, value: Value) -> CommandClaims {
     let now = now_s();
     CommandClaims {
         iss: ISSUER.into(),

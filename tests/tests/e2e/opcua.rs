@@ -6,15 +6,11 @@
 use super::*;
 use gateway::command_auth::{mint_command, Algorithm, OperatorKey};
 use opcua::types::Variant;
-use std::sync::atomic::{AtomicU64, Ordering};
-use twin_model::command::{CommandBody, CommandClaims};
 use twin_model::jws::{b64url, sha256};
 use twin_model::result::{CommandResult, Status, RESULT_TYP};
 use twin_testkit::opcua_sim::{OpcUaSim, OpcUaSimOptions, SimSecurity};
 
 const NS: &str = "nsu=urn:twin-gateway:opcua-sim;s=";
-
-static JTI: AtomicU64 = AtomicU64::new(1);
 
 /// The tags of the simulator: name, node, type, writable.
 fn sim_tags() -> Vec<(&'static str, &'static str, &'static str, bool)> {
@@ -191,30 +187,9 @@ async fn opc_setup_with(
     })
 }
 
+/// Alice's command token (the claims of the command tests).
 fn command(key: &OperatorKey, tag: &str, value: Value) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs();
-    mint_command(
-        key,
-        &CommandClaims {
-            iss: "plant-ops".into(),
-            sub: "alice".into(),
-            aud: GW.into(),
-            iat: now,
-            nbf: now,
-            exp: now + 120,
-            jti: format!("opc-{now}-{}", JTI.fetch_add(1, Ordering::Relaxed)),
-            roles: Vec::new(),
-            amr: vec!["pwd".into()],
-            cmd: CommandBody {
-                tag: tag.into(),
-                value,
-                expect: None,
-            },
-        },
-    )
+    mint_command(key, &super::commands::claims("alice", tag, value))
 }
 
 /// Publishes a command and returns its verified result.
