@@ -42,6 +42,14 @@ pub struct DeviceStats {
     /// Writes served, and those that failed.
     pub writes: AtomicU64,
     pub write_failures: AtomicU64,
+    /// Reads answered with a Modbus exception (part of `errors`).
+    pub exceptions: AtomicU64,
+    /// Reads that got no answer in time (part of `errors`).
+    pub timeouts: AtomicU64,
+    /// Connections made (the first and every reconnect).
+    pub connects: AtomicU64,
+    /// The last good read, ms since the Unix epoch (0: never).
+    pub last_seen_ms: AtomicU64,
 }
 
 impl DeviceStats {
@@ -50,7 +58,10 @@ impl DeviceStats {
         self.reads.fetch_add(1, Ordering::Relaxed);
         self.read_us_total
             .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
-        if !ok {
+        if ok {
+            self.last_seen_ms
+                .store(crate::clock::now_ms(), Ordering::Relaxed);
+        } else {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -151,6 +162,28 @@ impl Sources {
                 esc(d),
                 u8::from(s.connected.load(Ordering::Relaxed))
             );
+        }
+        for (name, help, pick) in [
+            (
+                "twin_device_exceptions_total",
+                "Reads answered with a Modbus exception, per device.",
+                (|s: &DeviceStats| s.exceptions.load(Ordering::Relaxed)) as fn(&DeviceStats) -> u64,
+            ),
+            (
+                "twin_device_timeouts_total",
+                "Reads that got no answer in time, per device.",
+                |s: &DeviceStats| s.timeouts.load(Ordering::Relaxed),
+            ),
+            (
+                "twin_device_connects_total",
+                "Connections made per device (the first and every reconnect).",
+                |s: &DeviceStats| s.connects.load(Ordering::Relaxed),
+            ),
+        ] {
+            metric(&mut o, name, "counter", help);
+            for (d, s) in &self.devices {
+                let _ = writeln!(o, "{name}{{device=\"{}\"}} {}", esc(d), pick(s));
+            }
         }
         metric(
             &mut o,

@@ -68,22 +68,31 @@ impl Validity {
 /// A certificate authority able to issue server and client certificates.
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
+    /// The OU= of the CA and of everything it issues.
+    unit: &'static str,
     pub cert_pem: String,
     pub key_pem: String,
 }
 
-fn dn(cn: &str) -> DistinguishedName {
+fn dn(cn: &str, unit: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, cn);
     // O= is deliberately absent: some brokers turn it into a tenant prefix.
-    dn.push(DnType::OrganizationalUnitName, DEV_OU);
+    dn.push(DnType::OrganizationalUnitName, unit);
     dn
 }
 
 impl Ca {
+    /// A development CA: it and everything it issues carry OU=[`DEV_OU`],
+    /// which the gateway refuses outside `profile = "dev"`.
     pub fn new(cn: &str, validity: Validity) -> Result<Self, PkiError> {
+        Ca::in_unit(cn, validity, DEV_OU)
+    }
+
+    /// A CA whose certificates carry OU=`unit` (a test or plant PKI).
+    pub fn in_unit(cn: &str, validity: Validity, unit: &'static str) -> Result<Self, PkiError> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name = dn(cn);
+        params.distinguished_name = dn(cn, unit);
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -97,6 +106,7 @@ impl Ca {
         let key_pem = key.serialize_pem();
         Ok(Ca {
             issuer: Issuer::new(params, key),
+            unit,
             cert_pem: cert.pem(),
             key_pem,
         })
@@ -134,7 +144,7 @@ impl Ca {
         cn: &str,
         validity: Validity,
     ) -> Result<Issued, PkiError> {
-        params.distinguished_name = dn(cn);
+        params.distinguished_name = dn(cn, self.unit);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.use_authority_key_identifier_extension = true;
         params.not_before = validity.not_before;
@@ -194,10 +204,21 @@ pub fn opcua_application_uri(gateway_id: &str) -> String {
 
 /// A self-signed OPC UA application instance certificate (RSA 2048,
 /// SHA-256) for `application_uri` and `hosts`: DER certificate and PEM key.
+/// It carries OU=[`DEV_OU`] (see [`opcua_application_cert_in_unit`]).
 pub fn opcua_application_cert(
     application_uri: &str,
     hosts: &[String],
     validity: Validity,
+) -> Result<(Vec<u8>, String), PkiError> {
+    opcua_application_cert_in_unit(application_uri, hosts, validity, DEV_OU)
+}
+
+/// [`opcua_application_cert`] with OU=`unit`.
+pub fn opcua_application_cert_in_unit(
+    application_uri: &str,
+    hosts: &[String],
+    validity: Validity,
+    unit: &str,
 ) -> Result<(Vec<u8>, String), PkiError> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     let mut sans = vec![SanType::URI(application_uri.try_into()?)];
@@ -208,7 +229,7 @@ pub fn opcua_application_cert(
         });
     }
     params.subject_alt_names = sans;
-    params.distinguished_name = dn("twin gateway OPC UA client");
+    params.distinguished_name = dn("twin gateway OPC UA client", unit);
     params.key_usages = vec![
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::ContentCommitment,

@@ -84,6 +84,7 @@ fn load_outbox_cipher(path: &std::path::Path) -> anyhow::Result<crate::outbox::r
 /// Starts every task of the gateway. Fails before connecting anywhere if a
 /// key, certificate or the data directory cannot be used.
 pub async fn start(cfg: Config) -> anyhow::Result<GatewayHandle> {
+    refuse_dev_pki(&cfg)?;
     let key = Arc::new(load_signing_key(&cfg.signing.key_file)?);
     let tls_config = tls::client_config(&cfg.mqtt.tls).context("MQTT TLS setup")?;
     // Bound before anything starts, so that a port in use stops the start
@@ -364,6 +365,26 @@ pub async fn start(cfg: Config) -> anyhow::Result<GatewayHandle> {
         abort,
         tasks,
     })
+}
+
+/// Development PKI material (OU=`twin-dev-pki`) is refused outside
+/// `profile = "dev"`: its keys were made on a developer's machine.
+fn refuse_dev_pki(cfg: &Config) -> anyhow::Result<()> {
+    if cfg.gateway.dev_profile {
+        return Ok(());
+    }
+    let report = crate::selfcheck::check(cfg, &crate::selfcheck::CheckOptions::at(clock::now_ms()));
+    let dev: Vec<String> = report
+        .with_code(crate::selfcheck::codes::DEV_PKI_IN_PRODUCTION)
+        .map(|f| format!("  - {}", f.message))
+        .collect();
+    if dev.is_empty() {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "refusing to start with development PKI material outside the dev profile:\n{}\nuse certificates and keys of the plant's PKI; only on a development machine, set profile = \"dev\" in [gateway]",
+        dev.join("\n")
+    )
 }
 
 fn create_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {

@@ -967,7 +967,7 @@ impl Checker<'_> {
 }
 
 /// The certificates of a PEM file (every `CERTIFICATE` block) or a DER file.
-fn certificate_ders(bytes: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+pub fn certificate_ders(bytes: &[u8]) -> Result<Vec<Vec<u8>>, String> {
     let is_pem = bytes
         .windows(b"-----BEGIN ".len())
         .any(|w| w == b"-----BEGIN ");

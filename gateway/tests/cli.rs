@@ -75,6 +75,22 @@ fn dev_pki_then_check_of_the_example_config_succeeds() {
         kid,
         "printed kid is the thumbprint of the public key"
     );
+
+    // In the production profile (the default) the gateway refuses to run
+    // on the development PKI, before connecting anywhere.
+    let out = gateway(&["run", "-c", "gateway.toml"], dir.path());
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let t = text(&out);
+    assert!(
+        t.contains("refusing to start with development PKI material")
+            && t.contains("gateway.crt.pem")
+            && t.contains("profile = \"dev\""),
+        "{t}"
+    );
+    assert!(
+        !dir.path().join("data").exists(),
+        "nothing was started: {t}"
+    );
 }
 
 #[test]

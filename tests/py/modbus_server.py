@@ -11,9 +11,12 @@ implementation.
 Usage: modbus_server.py --port PORT --points FILE.json
 
 Writes FILE.json listing every point (name, area, address, type, order,
-length_registers, expected, registers), then prints `READY <port>` on stdout
-once the server accepts connections. Protocol addresses are zero-based.
-Every unit id is answered.
+length_registers, expected, registers) and the Read Device Identification
+identity (FC 43 / MEI 14) the server answers ("identity": VendorName,
+ProductCode, MajorMinorRevision = the pymodbus version, VendorUrl,
+ProductName, ModelName), then prints `READY <port>` on stdout once the server
+accepts connections. Protocol addresses are zero-based. Every unit id is
+answered.
 """
 
 import argparse
@@ -22,6 +25,7 @@ import json
 import socket
 import sys
 
+import pymodbus
 from pymodbus.client.mixin import ModbusClientMixin
 from pymodbus.constants import Endian
 from pymodbus.datastore import (
@@ -29,6 +33,7 @@ from pymodbus.datastore import (
     ModbusServerContext,
     ModbusSlaveContext,
 )
+from pymodbus.device import ModbusDeviceIdentification
 from pymodbus.payload import BinaryPayloadBuilder
 from pymodbus.server import StartAsyncTcpServer
 
@@ -57,6 +62,16 @@ VALUES = {
 
 STRING_VALUE = "PYMODBUS-3"
 STRING_REGISTERS = 8
+
+# Read Device Identification objects 0x00-0x05, by their pymodbus names.
+IDENTITY = {
+    "VendorName": "Pymodbus Peer Works",
+    "ProductCode": "PM-PEER",
+    "MajorMinorRevision": pymodbus.__version__,
+    "VendorUrl": "https://example.invalid/peer",
+    "ProductName": "pymodbus peer",
+    "ModelName": "PEER-1",
+}
 
 
 def encode(kind, order):
@@ -154,11 +169,12 @@ async def main():
 
     holding, inputs, coils, discrete, points = build_points()
     with open(args.points, "w", encoding="utf-8") as f:
-        json.dump({"unit_id": 1, "points": points}, f, indent=1)
+        json.dump({"unit_id": 1, "points": points, "identity": IDENTITY}, f, indent=1)
 
     server = asyncio.create_task(
         StartAsyncTcpServer(
             context=context(holding, inputs, coils, discrete),
+            identity=ModbusDeviceIdentification(info_name=IDENTITY),
             address=("127.0.0.1", args.port),
         )
     )

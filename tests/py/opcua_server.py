@@ -10,8 +10,13 @@ Usage: opcua_server.py --port PORT --dir DIR --user USER --password PASSWORD
 Listens on opc.tcp://127.0.0.1:PORT/twin/. Writes its key (PEM) and
 certificate (DER) into DIR as server_key.pem and server_cert.der (the test
 puts the latter into the gateway's trust list), then prints
-`READY <endpoint_url>` on stdout once it accepts connections. Exits cleanly
-on SIGTERM or SIGINT.
+`VERSION <asyncua version>` and `READY <endpoint_url>` on stdout once it
+accepts connections. Exits cleanly on SIGTERM or SIGINT.
+
+BuildInfo (Server.ServerStatus.BuildInfo): product URI
+urn:twin-gateway:asyncua-peer:product, manufacturer "asyncua peer works",
+product name "asyncua peer", software version = the asyncua version, build
+number "peer-1", build date 2026-01-02T03:04:05Z.
 
 Nodes, in namespace urn:twin-gateway:asyncua-peer with string ids:
   Peer.Double    Double   21.5, +0.5 every 200 ms, wrapping 31.0 -> 21.5
@@ -36,6 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+import asyncua
 from asyncua import Server, ua
 from asyncua.crypto.permission_rules import PermissionRuleset
 from asyncua.server.users import User, UserRole
@@ -44,6 +50,13 @@ APP_URI = "urn:twin-gateway:asyncua-peer"
 NAMESPACE = APP_URI
 CERT_FILE = "server_cert.der"
 KEY_FILE = "server_key.pem"
+
+PRODUCT_URI = "urn:twin-gateway:asyncua-peer:product"
+MANUFACTURER = "asyncua peer works"
+PRODUCT_NAME = "asyncua peer"
+SOFTWARE_VERSION = asyncua.__version__
+BUILD_NUMBER = "peer-1"
+BUILD_DATE = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
 
 DOUBLE_START = 21.5
 DOUBLE_STEP = 0.5
@@ -217,7 +230,14 @@ async def main():
     endpoint = f"opc.tcp://127.0.0.1:{args.port}/twin/"
 
     server = Server(user_manager=PasswordUserManager(args.user, args.password))
+    # Also the ProductUri of the endpoints' application description.
+    server.product_uri = PRODUCT_URI
+    server.manufacturer_name = MANUFACTURER
     await server.init()
+    # init() wrote asyncua's default BuildInfo ("1.0pre", build date now).
+    await server.set_build_info(
+        PRODUCT_URI, MANUFACTURER, PRODUCT_NAME, SOFTWARE_VERSION, BUILD_NUMBER, BUILD_DATE
+    )
     server.set_endpoint(endpoint)
     server.set_server_name("twin-gateway asyncua peer")
     server.application_type = ua.ApplicationType.Server
@@ -261,6 +281,7 @@ async def main():
         raise RuntimeError("asyncua created no endpoint (certificate or key not loaded?)")
     ticker = asyncio.create_task(tick(double))
     try:
+        print(f"VERSION {SOFTWARE_VERSION}", flush=True)
         print(f"READY {endpoint}", flush=True)
         await stop.wait()
     finally:

@@ -6,12 +6,14 @@
 //! - [`mosquitto`]: Mosquitto with mutual TLS and an ACL, on a free port
 //! - [`python`]: pymodbus peer (and the virtual environment it runs in)
 //! - [`opcua_sim`]: OPC UA simulator server (typed variables, a tank; async-opcua)
+//! - [`rogue`]: Modbus TCP proxy rewriting the responses' unit id (a rogue unit answering)
 
 pub mod bench;
 pub mod mosquitto;
 pub mod opcua_sim;
 pub mod pki;
 pub mod python;
+pub mod rogue;
 pub mod sim;
 
 use std::path::PathBuf;

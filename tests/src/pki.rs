@@ -17,6 +17,10 @@ use gateway::keyfile;
 use gateway::pki::{new_signing_key_pem, Ca, DevPkiFiles, Validity};
 use std::path::{Path, PathBuf};
 
+/// The OU= of every test certificate: a plant PKI made for the test, not
+/// the development PKI (which the gateway refuses outside the dev profile).
+pub const TEST_OU: &str = "twin-test-plant";
+
 /// MQTT identity (client certificate CN) of the operator tool.
 pub const OPERATOR: &str = "twin-operator";
 /// Host names and addresses of the broker certificate.
@@ -73,7 +77,7 @@ impl TestPki {
         let validity = Validity::days(30);
         let hosts: Vec<String> = BROKER_HOSTS.iter().map(|h| h.to_string()).collect();
 
-        let ca = Ca::new("twin test CA", validity)?;
+        let ca = Ca::in_unit("twin test CA", validity, TEST_OU)?;
         keyfile::write_public(&files.ca_cert, &ca.cert_pem)?;
         let write = |name: &str, issued: gateway::pki::Issued| -> anyhow::Result<CertPair> {
             let pair = CertPair {
@@ -111,7 +115,7 @@ impl TestPki {
             "broker-wrong-host",
             ca.issue_server("twin-broker", &[WRONG_HOST.to_string()], validity)?,
         )?;
-        let other = Ca::new("rogue CA", validity)?;
+        let other = Ca::in_unit("rogue CA", validity, TEST_OU)?;
         let other_ca_cert = pki_dir.join("other-ca.crt.pem");
         keyfile::write_public(&other_ca_cert, &other.cert_pem)?;
         let broker_wrong_ca = write(

@@ -8,13 +8,19 @@
 //! [`start_pymodbus`] runs `tests/py/modbus_server.py`, a pymodbus server
 //! whose registers hold values encoded by pymodbus itself, and returns the
 //! expectations it wrote: an independent check of the gateway's decoding.
+//! It also answers Read Device Identification (FC 43 / MEI 14) with the
+//! identity in [`PyModbus::identity`].
 //!
 //! [`AsyncuaServer`] runs `tests/py/opcua_server.py`, an OPC UA server of the
 //! asyncua stack offering only Basic256Sha256 / SignAndEncrypt with user name
-//! login: an independent peer for the gateway's OPC UA client.
+//! login: an independent peer for the gateway's OPC UA client. Its BuildInfo
+//! is [`ASYNCUA_PRODUCT_URI`], [`ASYNCUA_MANUFACTURER`],
+//! [`ASYNCUA_PRODUCT_NAME`], [`AsyncuaServer::software_version`],
+//! [`ASYNCUA_BUILD_NUMBER`] and [`ASYNCUA_BUILD_DATE`].
 
 use anyhow::{bail, Context as _};
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -70,7 +76,19 @@ pub struct PyPoint {
 struct PointsFile {
     unit_id: u8,
     points: Vec<PyPoint>,
+    identity: BTreeMap<String, String>,
 }
+
+/// Names of the Read Device Identification objects 0x00-0x05, in id order,
+/// as keys of [`PyModbus::identity`] (pymodbus spells them so).
+pub const PYMODBUS_IDENTITY_OBJECTS: [&str; 6] = [
+    "VendorName",
+    "ProductCode",
+    "MajorMinorRevision",
+    "VendorUrl",
+    "ProductName",
+    "ModelName",
+];
 
 /// A running pymodbus server. Killed on drop.
 pub struct PyModbus {
@@ -78,6 +96,12 @@ pub struct PyModbus {
     port: u16,
     pub unit_id: u8,
     pub points: Vec<PyPoint>,
+    /// What the server answers to Read Device Identification, by object
+    /// name ([`PYMODBUS_IDENTITY_OBJECTS`]): VendorName "Pymodbus Peer
+    /// Works", ProductCode "PM-PEER", MajorMinorRevision the pymodbus
+    /// version, VendorUrl "https://example.invalid/peer", ProductName
+    /// "pymodbus peer", ModelName "PEER-1".
+    pub identity: BTreeMap<String, String>,
     dir: tempfile::TempDir,
 }
 
@@ -180,6 +204,7 @@ async fn try_start(python: &std::path::Path, port: u16) -> anyhow::Result<PyModb
         port,
         unit_id: parsed.unit_id,
         points: parsed.points,
+        identity: parsed.identity,
         dir,
     })
 }
@@ -187,6 +212,17 @@ async fn try_start(python: &std::path::Path, port: u16) -> anyhow::Result<PyModb
 /// The application URI in the asyncua peer's certificate, also the URI of
 /// the namespace its nodes are in (index 1).
 pub const ASYNCUA_APPLICATION_URI: &str = "urn:twin-gateway:asyncua-peer";
+/// BuildInfo.ProductUri of the asyncua peer (also the ProductUri of its
+/// endpoints' application description).
+pub const ASYNCUA_PRODUCT_URI: &str = "urn:twin-gateway:asyncua-peer:product";
+/// BuildInfo.ManufacturerName of the asyncua peer.
+pub const ASYNCUA_MANUFACTURER: &str = "asyncua peer works";
+/// BuildInfo.ProductName of the asyncua peer.
+pub const ASYNCUA_PRODUCT_NAME: &str = "asyncua peer";
+/// BuildInfo.BuildNumber of the asyncua peer.
+pub const ASYNCUA_BUILD_NUMBER: &str = "peer-1";
+/// BuildInfo.BuildDate of the asyncua peer (RFC 3339, UTC).
+pub const ASYNCUA_BUILD_DATE: &str = "2026-01-02T03:04:05Z";
 
 /// A running asyncua OPC UA server (`tests/py/opcua_server.py`) on
 /// `opc.tcp://127.0.0.1:PORT/twin/`. Killed on drop.
@@ -197,12 +233,15 @@ pub const ASYNCUA_APPLICATION_URI: &str = "urn:twin-gateway:asyncua-peer";
 /// `Peer.Double` (Double 21.5, +0.5 every 200 ms, wrapping after 31.0 to
 /// 21.5), `Peer.Int32` (-42), `Peer.UInt16` (7), `Peer.Bool` (true),
 /// `Peer.String` ("peer"), and `Peer.Setpoint` (Double 1.0, the only
-/// writable one).
+/// writable one). Its BuildInfo is set explicitly (see the module doc).
 pub struct AsyncuaServer {
     child: Child,
     port: u16,
     endpoint_url: String,
     dir: PathBuf,
+    /// BuildInfo.SoftwareVersion: the installed asyncua version, as the
+    /// script printed it (`VERSION <x>`) before it was ready.
+    pub software_version: String,
 }
 
 impl AsyncuaServer {
@@ -255,6 +294,7 @@ impl AsyncuaServer {
             port,
             endpoint_url: format!("opc.tcp://127.0.0.1:{port}/twin/"),
             dir: dir.to_owned(),
+            software_version: String::new(),
         };
         let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
         loop {
@@ -267,6 +307,17 @@ impl AsyncuaServer {
                         server.output()
                     );
                 }
+                // Printed before READY, so present once READY is.
+                let Some(version) = stdout
+                    .lines()
+                    .find_map(|l| l.trim().strip_prefix("VERSION "))
+                else {
+                    bail!(
+                        "the asyncua server printed no VERSION line before READY\n{}",
+                        server.output()
+                    );
+                };
+                server.software_version = version.to_owned();
                 return Ok(server);
             }
             if let Some(status) = server
@@ -406,6 +457,171 @@ mod tests {
         }
         let u32_badc = server.point("hr_u32_badc").unwrap();
         assert_eq!(u32_badc.registers, [0x3412, 0x7856]);
+    }
+
+    #[tokio::test]
+    async fn pymodbus_answers_the_identity_it_wrote_to_device_identification() {
+        use tokio_modbus::prelude::ReadCode;
+        let server = start_pymodbus().await.unwrap();
+        let pymodbus_version = std::process::Command::new(python().unwrap())
+            .args(["-c", "import pymodbus; print(pymodbus.__version__)"])
+            .output()
+            .unwrap();
+        let pymodbus_version = String::from_utf8(pymodbus_version.stdout).unwrap();
+        let expected: BTreeMap<String, String> = [
+            ("VendorName", "Pymodbus Peer Works"),
+            ("ProductCode", "PM-PEER"),
+            ("MajorMinorRevision", pymodbus_version.trim()),
+            ("VendorUrl", "https://example.invalid/peer"),
+            ("ProductName", "pymodbus peer"),
+            ("ModelName", "PEER-1"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        assert_eq!(server.identity, expected);
+
+        let mut ctx = tcp::connect_slave(server.addr(), tokio_modbus::Slave(server.unit_id))
+            .await
+            .unwrap();
+        let mut read = BTreeMap::new();
+        let mut next = 0;
+        for _ in 0..10 {
+            let r = ctx
+                .read_device_identification(ReadCode::Regular, next)
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("{e:?}\n{}", server.output()));
+            for o in &r.device_id_objects {
+                let name = PYMODBUS_IDENTITY_OBJECTS
+                    .get(usize::from(o.id))
+                    .unwrap_or_else(|| panic!("unexpected object {:#04x}", o.id));
+                let value = o.value_as_str().expect("UTF-8").to_owned();
+                read.insert((*name).to_owned(), value);
+            }
+            if !r.more_follows {
+                break;
+            }
+            next = r.next_object_id;
+        }
+        assert_eq!(read, expected, "{}", server.output());
+    }
+
+    #[tokio::test]
+    async fn asyncua_peer_publishes_its_build_info() {
+        use opcua::client::{ClientBuilder, IdentityToken};
+        use opcua::crypto::SecurityPolicy;
+        use opcua::types::{
+            AttributeId, DateTime, MessageSecurityMode, ReadValueId, StatusCode,
+            TimestampsToReturn, VariableId, Variant,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = AsyncuaServer::start(dir.path(), "operator", "peer-secret")
+            .await
+            .unwrap();
+        let asyncua_version = std::process::Command::new(python().unwrap())
+            .args(["-c", "import asyncua; print(asyncua.__version__)"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            server.software_version,
+            String::from_utf8(asyncua_version.stdout).unwrap().trim()
+        );
+
+        let pki = dir.path().join("client-pki");
+        let client_uri = "urn:twin-gateway:python-test-client";
+        let (der, key) = crate::opcua_sim::make_certificate(
+            client_uri,
+            "python-test-client",
+            &["localhost"],
+            false,
+        )
+        .unwrap();
+        std::fs::create_dir_all(pki.join("own")).unwrap();
+        std::fs::create_dir_all(pki.join("private")).unwrap();
+        std::fs::write(pki.join("own/cert.der"), der).unwrap();
+        std::fs::write(pki.join("private/private.pem"), key).unwrap();
+        let mut client = ClientBuilder::new()
+            .application_name("python-test-client")
+            .application_uri(client_uri)
+            .pki_dir(&pki)
+            .create_sample_keypair(false)
+            // Fine for the peer's own test; the gateway never does this.
+            .trust_server_certs(true)
+            .session_retry_limit(0)
+            .request_timeout(Duration::from_secs(5))
+            .client()
+            .unwrap();
+        let (session, event_loop) = client
+            .connect_to_matching_endpoint(
+                (
+                    server.endpoint_url(),
+                    SecurityPolicy::Basic256Sha256.to_str(),
+                    MessageSecurityMode::SignAndEncrypt,
+                ),
+                IdentityToken::new_user_name("operator", "peer-secret"),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}\n{}", server.output()));
+        let event_loop = event_loop.spawn();
+        tokio::time::timeout(Duration::from_secs(20), session.wait_for_connection())
+            .await
+            .unwrap_or_else(|_| panic!("no session within 20 s\n{}", server.output()));
+
+        let ids = [
+            VariableId::Server_ServerStatus_BuildInfo_ProductUri,
+            VariableId::Server_ServerStatus_BuildInfo_ManufacturerName,
+            VariableId::Server_ServerStatus_BuildInfo_ProductName,
+            VariableId::Server_ServerStatus_BuildInfo_SoftwareVersion,
+            VariableId::Server_ServerStatus_BuildInfo_BuildNumber,
+            VariableId::Server_ServerStatus_BuildInfo_BuildDate,
+            VariableId::Server_ServerStatus_BuildInfo,
+        ];
+        let reads: Vec<ReadValueId> = ids
+            .iter()
+            .map(|id| ReadValueId {
+                node_id: (*id).into(),
+                attribute_id: AttributeId::Value as u32,
+                ..Default::default()
+            })
+            .collect();
+        let values = session
+            .read(&reads, TimestampsToReturn::Neither, 0.0)
+            .await
+            .unwrap();
+        let text = |i: usize| match &values[i].value {
+            Some(Variant::String(s)) => s.as_ref().to_owned(),
+            other => panic!("{:?}: {other:?}", ids[i]),
+        };
+        assert_eq!(
+            [text(0), text(1), text(2), text(3), text(4)],
+            [
+                ASYNCUA_PRODUCT_URI,
+                ASYNCUA_MANUFACTURER,
+                ASYNCUA_PRODUCT_NAME,
+                server.software_version.as_str(),
+                ASYNCUA_BUILD_NUMBER
+            ]
+        );
+        let build_date: DateTime = ASYNCUA_BUILD_DATE.parse().unwrap();
+        assert_eq!(
+            values[5].value,
+            Some(Variant::DateTime(Box::new(build_date)))
+        );
+        // The structure holds the same (what a client reading BuildInfo at once gets).
+        let Some(Variant::ExtensionObject(o)) = &values[6].value else {
+            panic!("BuildInfo: {:?}", values[6]);
+        };
+        let info = o
+            .inner_as::<opcua::types::BuildInfo>()
+            .expect("a BuildInfo structure");
+        assert_eq!(info.product_uri.as_ref(), ASYNCUA_PRODUCT_URI);
+        assert_eq!(info.software_version.as_ref(), server.software_version);
+        assert_eq!(info.build_date, build_date);
+
+        let _ = session.disconnect().await;
+        assert_eq!(event_loop.await.unwrap(), StatusCode::Good);
+        server.stop().await.unwrap();
     }
 
     /// OPC UA Hello (OPC 10000-6 7.1.2.3) for `url`, little-endian.

@@ -21,8 +21,18 @@
 //!
 //! Unit ids 1 (the configured one), 0 and 255 (the Modbus TCP "this device"
 //! id) are answered; any other unit id gets `GatewayTargetDevice`.
-//! Function code 43/14 (Read Device Identification) is answered with vendor
-//! [`VENDOR`], product code [`PRODUCT_CODE`] and the crate version.
+//!
+//! Function code 43 / MEI 14 (Read Device Identification) answers the
+//! [`Identity`] held in the shared state, [`Identity::default_tank`] at
+//! start: the basic objects 0x00-0x02 (vendor [`VENDOR`], product code
+//! [`PRODUCT_CODE`], revision [`REVISION`]) and the regular objects
+//! 0x03-0x05 that are present (vendor URL, product name, model name), with
+//! stream access (read codes 1-3), individual access (read code 4) and
+//! `more_follows` / `next_object_id` when the objects do not fit in one PDU.
+//! [`PlcSim::set_identity`] swaps the identity as a firmware update would,
+//! [`PlcSim::set_identification_supported`] makes FC 43 answer
+//! `IllegalFunction` as many small PLCs do, and
+//! [`PlcSim::identification_frames`] counts FC 43 requests.
 
 use anyhow::Context as _;
 use rand::{rngs::StdRng, Rng as _, SeedableRng as _};
@@ -40,11 +50,11 @@ use tokio_modbus::prelude::{
 use tokio_modbus::server::tcp::{accept_tcp_connection, Server};
 use tokio_modbus::{ExceptionCode, Request, Response, SlaveRequest};
 
-/// Vendor name answered to Read Device Identification.
+/// Vendor name of [`Identity::default_tank`].
 pub const VENDOR: &str = "Twin Gateway Project";
-/// Product code answered to Read Device Identification.
+/// Product code of [`Identity::default_tank`].
 pub const PRODUCT_CODE: &str = "TANK-SIM";
-/// Revision answered to Read Device Identification.
+/// Revision of [`Identity::default_tank`] (the crate version).
 pub const REVISION: &str = env!("CARGO_PKG_VERSION");
 /// The unit id of the tank in the example configuration.
 pub const UNIT_ID: u8 = 1;
@@ -89,6 +99,96 @@ pub mod tank {
     /// Half width of the pump's hysteresis band around the setpoint.
     pub const PUMP_BAND_M: f64 = 0.2;
 }
+
+/// What the simulator answers to Read Device Identification (FC 43 / MEI 14).
+///
+/// The three basic objects are always present; each regular object is
+/// present when it is `Some`. A value longer than
+/// [`MAX_IDENTIFICATION_VALUE`] bytes is cut at a character boundary to that
+/// length, since an object cannot be split across responses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Object 0x00, VendorName (basic).
+    pub vendor: String,
+    /// Object 0x01, ProductCode (basic).
+    pub product_code: String,
+    /// Object 0x02, MajorMinorRevision (basic).
+    pub revision: String,
+    /// Object 0x03, VendorUrl (regular).
+    pub vendor_url: Option<String>,
+    /// Object 0x04, ProductName (regular).
+    pub product_name: Option<String>,
+    /// Object 0x05, ModelName (regular).
+    pub model_name: Option<String>,
+}
+
+impl Identity {
+    /// The tank's identity: [`VENDOR`], [`PRODUCT_CODE`], [`REVISION`],
+    /// product name "Tank simulator", model name "TANK-1", no vendor URL.
+    pub fn default_tank() -> Identity {
+        Identity {
+            vendor: VENDOR.to_owned(),
+            product_code: PRODUCT_CODE.to_owned(),
+            revision: REVISION.to_owned(),
+            vendor_url: None,
+            product_name: Some("Tank simulator".to_owned()),
+            model_name: Some("TANK-1".to_owned()),
+        }
+    }
+
+    /// The present objects in ascending id order, values cut to fit a PDU.
+    fn objects(&self) -> Vec<DeviceIdObject> {
+        let basic = [
+            (object_id::VENDOR_NAME, Some(&self.vendor)),
+            (object_id::PRODUCT_CODE, Some(&self.product_code)),
+            (object_id::MAJOR_MINOR_REVISION, Some(&self.revision)),
+        ];
+        let regular = [
+            (object_id::VENDOR_URL, self.vendor_url.as_ref()),
+            (object_id::PRODUCT_NAME, self.product_name.as_ref()),
+            (object_id::MODEL_NAME, self.model_name.as_ref()),
+        ];
+        basic
+            .into_iter()
+            .chain(regular)
+            .filter_map(|(id, value)| {
+                let value = value?;
+                let mut end = value.len().min(MAX_IDENTIFICATION_VALUE);
+                while !value.is_char_boundary(end) {
+                    end -= 1;
+                }
+                Some(DeviceIdObject {
+                    id,
+                    value: value.as_bytes()[..end].to_vec().into(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// Object ids of Read Device Identification (Modbus application protocol
+/// 1.1b3, 6.21). Basic 0x00-0x02, regular 0x03-0x7F, extended 0x80-0xFF.
+mod object_id {
+    pub const VENDOR_NAME: u8 = 0x00;
+    pub const PRODUCT_CODE: u8 = 0x01;
+    pub const MAJOR_MINOR_REVISION: u8 = 0x02;
+    pub const VENDOR_URL: u8 = 0x03;
+    pub const PRODUCT_NAME: u8 = 0x04;
+    pub const MODEL_NAME: u8 = 0x05;
+    /// Last id of the basic category.
+    pub const LAST_BASIC: u8 = 0x02;
+    /// Last id of the regular category.
+    pub const LAST_REGULAR: u8 = 0x7F;
+}
+
+/// Largest Modbus PDU (function code and data), in bytes.
+const MAX_PDU: usize = 253;
+/// Fixed part of a Read Device Identification response: function code, MEI
+/// type, read code, conformity level, more follows, next object id, count.
+const IDENTIFICATION_HEADER: usize = 7;
+/// Longest identification object value: one object alone in one response
+/// (id and length bytes after the fixed part).
+pub const MAX_IDENTIFICATION_VALUE: usize = MAX_PDU - IDENTIFICATION_HEADER - 2;
 
 /// Byte and word order of a multi-register value, named after the bytes of
 /// a 32-bit value `A B C D` on the wire (same convention as the gateway).
@@ -422,6 +522,9 @@ struct Shared {
     delay: Mutex<Option<Duration>>,
     unresponsive: AtomicBool,
     frozen: AtomicBool,
+    identity: Mutex<Identity>,
+    identification_supported: AtomicBool,
+    identification_frames: AtomicU64,
 }
 
 impl Shared {
@@ -513,7 +616,14 @@ impl Shared {
                 m.put_holding(a, &vs);
                 Ok(Some(Response::WriteMultipleRegisters(a, n)))
             }
-            ReadDeviceIdentification(code, object) => device_identification(code, object).map(Some),
+            ReadDeviceIdentification(code, object) => {
+                if !self.identification_supported.load(Ordering::SeqCst) {
+                    return Err(ExceptionCode::IllegalFunction);
+                }
+                let identity = lock(&self.identity);
+                device_identification(&identity, code, object)
+                    .map(|r| Some(Response::ReadDeviceIdentification(r)))
+            }
             _ => Err(ExceptionCode::IllegalFunction),
         }
     }
@@ -548,34 +658,71 @@ impl Shared {
     }
 }
 
-fn device_identification(code: ReadCode, object: u8) -> Result<Response, ExceptionCode> {
-    let all = [VENDOR, PRODUCT_CODE, REVISION];
-    let obj = |id: u8| DeviceIdObject {
-        id,
-        value: all[usize::from(id)].as_bytes().to_vec().into(),
+/// The answer to Read Device Identification (Modbus application protocol
+/// 1.1b3, 6.21) for `identity`.
+///
+/// - Read codes 1-3 stream the objects of their category and those below it
+///   (1: basic; 2: basic and regular; 3: all, which is the same here since
+///   there are no extended objects: a device asked for more than its
+///   conformity level answers at its level). A start `object` that names no
+///   object of the stream restarts at the first. Objects are added while the
+///   response fits in one PDU; if some are left, `more_follows` is set and
+///   `next_object_id` names the first of them, to be asked for next.
+/// - Read code 4 returns the one object `object`, or `IllegalDataAddress`
+///   when it is not present.
+///
+/// The conformity level is regular when a regular object is present, basic
+/// otherwise, both with the individual access bit (0x81 / 0x82).
+fn device_identification(
+    identity: &Identity,
+    code: ReadCode,
+    object: u8,
+) -> Result<ReadDeviceIdentificationResponse, ExceptionCode> {
+    let objects = identity.objects();
+    let conformity_level = if objects.iter().any(|o| o.id > object_id::LAST_BASIC) {
+        ConformityLevel::RegularIdentification
+    } else {
+        ConformityLevel::BasicIdentification
     };
-    let device_id_objects = match code {
-        ReadCode::Specific if usize::from(object) < all.len() => vec![obj(object)],
-        ReadCode::Specific => return Err(ExceptionCode::IllegalDataAddress),
-        _ => {
-            // Stream access; an unknown start object restarts at 0.
-            let start = if usize::from(object) < all.len() {
-                object
-            } else {
-                0
-            };
-            (start..all.len() as u8).map(obj).collect()
+    let last = match code {
+        ReadCode::Basic => object_id::LAST_BASIC,
+        ReadCode::Regular => object_id::LAST_REGULAR,
+        ReadCode::Extended => u8::MAX,
+        ReadCode::Specific => {
+            let one = objects
+                .into_iter()
+                .find(|o| o.id == object)
+                .ok_or(ExceptionCode::IllegalDataAddress)?;
+            return Ok(ReadDeviceIdentificationResponse {
+                read_code: code,
+                conformity_level,
+                more_follows: false,
+                next_object_id: 0,
+                device_id_objects: vec![one],
+            });
         }
     };
-    Ok(Response::ReadDeviceIdentification(
-        ReadDeviceIdentificationResponse {
-            read_code: code,
-            conformity_level: ConformityLevel::BasicIdentification,
-            more_follows: false,
-            next_object_id: 0,
-            device_id_objects,
-        },
-    ))
+    let stream: Vec<DeviceIdObject> = objects.into_iter().filter(|o| o.id <= last).collect();
+    let start = stream.iter().position(|o| o.id == object).unwrap_or(0);
+    let mut size = IDENTIFICATION_HEADER;
+    let mut device_id_objects = Vec::new();
+    let mut next_object_id = None;
+    for o in stream.into_iter().skip(start) {
+        let object_size = 2 + o.value.len();
+        if size + object_size > MAX_PDU {
+            next_object_id = Some(o.id);
+            break;
+        }
+        size += object_size;
+        device_id_objects.push(o);
+    }
+    Ok(ReadDeviceIdentificationResponse {
+        read_code: code,
+        conformity_level,
+        more_follows: next_object_id.is_some(),
+        next_object_id: next_object_id.unwrap_or(0),
+        device_id_objects,
+    })
 }
 
 /// The per-connection Modbus service.
@@ -606,6 +753,9 @@ impl tokio_modbus::server::Service for SimService {
                 | WriteSingleRegister(..)
                 | WriteMultipleRegisters(..) => {
                     shared.write_frames.fetch_add(1, Ordering::SeqCst);
+                }
+                ReadDeviceIdentification(..) => {
+                    shared.identification_frames.fetch_add(1, Ordering::SeqCst);
                 }
                 _ => {}
             }
@@ -721,6 +871,27 @@ impl PlcSim {
     pub fn connections(&self) -> u64 {
         self.shared.connections.load(Ordering::SeqCst)
     }
+    /// Requests of FC 43 (Read Device Identification) received, counted
+    /// even when refused or left unanswered.
+    pub fn identification_frames(&self) -> u64 {
+        self.shared.identification_frames.load(Ordering::SeqCst)
+    }
+    /// The identity answered to Read Device Identification.
+    pub fn identity(&self) -> Identity {
+        lock(&self.shared.identity).clone()
+    }
+    /// Replaces the identity, as a firmware swap would; the next FC 43
+    /// request gets the new one.
+    pub fn set_identity(&self, identity: Identity) {
+        *lock(&self.shared.identity) = identity;
+    }
+    /// Whether FC 43 is answered (the default) or refused with
+    /// `IllegalFunction`, as many small PLCs do.
+    pub fn set_identification_supported(&self, on: bool) {
+        self.shared
+            .identification_supported
+            .store(on, Ordering::SeqCst);
+    }
     /// Answers every read with `code` (`None` to heal).
     pub fn set_exception(&self, code: Option<ExceptionCode>) {
         *lock(&self.shared.exception) = code;
@@ -834,6 +1005,9 @@ impl Shared {
             delay: Mutex::new(None),
             unresponsive: AtomicBool::new(false),
             frozen: AtomicBool::new(false),
+            identity: Mutex::new(Identity::default_tank()),
+            identification_supported: AtomicBool::new(true),
+            identification_frames: AtomicU64::new(0),
         }
     }
 }
@@ -1110,6 +1284,228 @@ mod tests {
             .map(|o| o.value_as_str().unwrap().to_string())
             .collect();
         assert_eq!(v, [VENDOR, PRODUCT_CODE, REVISION]);
+    }
+
+    /// The values of a response's objects, as (id, text).
+    fn objects(r: &ReadDeviceIdentificationResponse) -> Vec<(u8, String)> {
+        r.device_id_objects
+            .iter()
+            .map(|o| (o.id, o.value_as_str().unwrap().to_owned()))
+            .collect()
+    }
+
+    /// Bytes of the response PDU, as tokio-modbus encodes it.
+    fn pdu_size(r: &ReadDeviceIdentificationResponse) -> usize {
+        IDENTIFICATION_HEADER
+            + r.device_id_objects
+                .iter()
+                .map(|o| 2 + o.value.len())
+                .sum::<usize>()
+    }
+
+    #[tokio::test]
+    async fn regular_identification_streams_the_present_objects_at_regular_level() {
+        let (sim, mut ctx) = started().await;
+        let r = ctx
+            .read_device_identification(ReadCode::Regular, 0)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            objects(&r),
+            [
+                (0, VENDOR.to_owned()),
+                (1, PRODUCT_CODE.to_owned()),
+                (2, REVISION.to_owned()),
+                (4, "Tank simulator".to_owned()),
+                (5, "TANK-1".to_owned()),
+            ]
+        );
+        assert_eq!(r.conformity_level, ConformityLevel::RegularIdentification);
+        assert_eq!(
+            (r.read_code, r.more_follows, r.next_object_id),
+            (ReadCode::Regular, false, 0)
+        );
+        // Asked for more than it has, the device answers at its level.
+        let e = ctx
+            .read_device_identification(ReadCode::Extended, 0)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(objects(&e), objects(&r));
+        // A start id naming a present object starts there; any other restarts at 0.
+        let from4 = ctx
+            .read_device_identification(ReadCode::Regular, 4)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(from4.device_id_objects.len(), 2);
+        assert_eq!(from4.device_id_objects[0].id, 4);
+        let from3 = ctx
+            .read_device_identification(ReadCode::Regular, 3)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(objects(&from3), objects(&r), "no vendor URL: restart at 0");
+        let basic_from4 = ctx
+            .read_device_identification(ReadCode::Basic, 4)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            basic_from4.device_id_objects.len(),
+            3,
+            "4 is not a basic object"
+        );
+        assert_eq!(sim.identification_frames(), 5);
+        assert_eq!(sim.read_frames(), 0);
+    }
+
+    #[tokio::test]
+    async fn individual_access_returns_one_object_or_illegal_data_address() {
+        let (sim, mut ctx) = started().await;
+        let r = ctx
+            .read_device_identification(ReadCode::Specific, 5)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(objects(&r), [(5, "TANK-1".to_owned())]);
+        assert_eq!((r.read_code, r.more_follows), (ReadCode::Specific, false));
+        assert_eq!(
+            ctx.read_device_identification(ReadCode::Specific, 3)
+                .await
+                .unwrap(),
+            Err(ExceptionCode::IllegalDataAddress),
+            "the tank has no vendor URL"
+        );
+        assert_eq!(
+            ctx.read_device_identification(ReadCode::Specific, 0x80)
+                .await
+                .unwrap(),
+            Err(ExceptionCode::IllegalDataAddress)
+        );
+        assert_eq!(sim.identification_frames(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_new_identity_is_answered_from_the_next_request_on() {
+        let (sim, mut ctx) = started().await;
+        assert_eq!(sim.identity(), Identity::default_tank());
+        let swapped = Identity {
+            vendor: "Other Vendor".into(),
+            product_code: "OTHER".into(),
+            revision: "9.9".into(),
+            vendor_url: None,
+            product_name: None,
+            model_name: None,
+        };
+        sim.set_identity(swapped.clone());
+        assert_eq!(sim.identity(), swapped);
+        let r = ctx
+            .read_device_identification(ReadCode::Regular, 0)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            objects(&r),
+            [
+                (0, "Other Vendor".to_owned()),
+                (1, "OTHER".to_owned()),
+                (2, "9.9".to_owned())
+            ]
+        );
+        assert_eq!(r.conformity_level, ConformityLevel::BasicIdentification);
+        sim.set_identity(Identity {
+            vendor_url: Some("https://example.invalid".into()),
+            ..swapped
+        });
+        let r = ctx
+            .read_device_identification(ReadCode::Regular, 0)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.device_id_objects.last().unwrap().id, 3);
+        assert_eq!(r.conformity_level, ConformityLevel::RegularIdentification);
+    }
+
+    #[tokio::test]
+    async fn identification_can_be_unsupported_and_is_counted_anyway() {
+        let (sim, mut ctx) = started().await;
+        sim.set_identification_supported(false);
+        for code in [ReadCode::Basic, ReadCode::Specific] {
+            assert_eq!(
+                ctx.read_device_identification(code, 0).await.unwrap(),
+                Err(ExceptionCode::IllegalFunction)
+            );
+        }
+        sim.set_identification_supported(true);
+        ctx.read_device_identification(ReadCode::Basic, 0)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(sim.identification_frames(), 3);
+        assert_eq!((sim.read_frames(), sim.write_frames()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn long_identities_continue_with_more_follows_and_next_object_id() {
+        let (sim, mut ctx) = started().await;
+        let long = |c: char| c.to_string().repeat(120);
+        let identity = Identity {
+            vendor: long('v'),
+            product_code: long('p'),
+            revision: long('r'),
+            vendor_url: Some(long('u')),
+            product_name: Some(long('n')),
+            model_name: Some(long('m')),
+        };
+        sim.set_identity(identity.clone());
+        let mut got = Vec::new();
+        let mut next = 0;
+        let mut requests = 0;
+        loop {
+            let r = ctx
+                .read_device_identification(ReadCode::Regular, next)
+                .await
+                .unwrap()
+                .unwrap();
+            requests += 1;
+            assert!(pdu_size(&r) <= MAX_PDU, "{}", pdu_size(&r));
+            assert!(!r.device_id_objects.is_empty());
+            got.extend(objects(&r));
+            if !r.more_follows {
+                assert_eq!(r.next_object_id, 0);
+                break;
+            }
+            assert_eq!(r.next_object_id, r.device_id_objects.last().unwrap().id + 1);
+            next = r.next_object_id;
+        }
+        // 7 + 2 * 122 = 251 bytes: two objects per response.
+        assert_eq!(requests, 3);
+        let ids: Vec<u8> = got.iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids, [0, 1, 2, 3, 4, 5]);
+        assert_eq!(got[3].1, identity.vendor_url.unwrap());
+        assert_eq!(sim.identification_frames(), 3);
+    }
+
+    #[test]
+    fn values_longer_than_one_response_are_cut_at_a_character_boundary() {
+        let identity = Identity {
+            // Three bytes each: 244 bytes would end inside a character.
+            vendor: "€".repeat(100),
+            ..Identity::default_tank()
+        };
+        let r = device_identification(&identity, ReadCode::Specific, 0).unwrap();
+        let v = r.device_id_objects[0].value_as_str().expect("still UTF-8");
+        assert_eq!((MAX_IDENTIFICATION_VALUE, v.len()), (244, 243));
+        assert_eq!(pdu_size(&r), MAX_PDU - 1);
+        let r = device_identification(&identity, ReadCode::Basic, 0).unwrap();
+        assert_eq!(
+            (r.device_id_objects.len(), r.more_follows, r.next_object_id),
+            (1, true, 1)
+        );
+        let r = device_identification(&identity, ReadCode::Basic, 1).unwrap();
+        assert_eq!((r.device_id_objects.len(), r.more_follows), (2, false));
     }
 
     #[tokio::test]

@@ -101,6 +101,9 @@ struct Twin {
     watcher: Watcher,
     telemetry: Vec<String>,
     events: Vec<WatchEvent>,
+    /// Each inventory received, verified.
+    inventories: Vec<twin_model::inventory::Inventory>,
+    trust: TrustStore,
 }
 
 impl Twin {
@@ -116,7 +119,7 @@ impl Twin {
     ) -> anyhow::Result<Self> {
         let mut trust = TrustStore::new();
         let kid = trust.add_pem(&std::fs::read_to_string(&pki.gateway_signing_pub)?)?;
-        let mut watcher = Watcher::new("twin", trust).with_window(window);
+        let mut watcher = Watcher::new("twin", trust.clone()).with_window(window);
         watcher.pin(GW, &kid);
         let sub = Subscriber::start_with(
             broker,
@@ -132,6 +135,8 @@ impl Twin {
             watcher,
             telemetry: Vec::new(),
             events: Vec::new(),
+            inventories: Vec::new(),
+            trust,
         })
     }
 
@@ -146,6 +151,13 @@ impl Twin {
         while !done(self) {
             match tokio::time::timeout_at(deadline, self.sub.rx.recv()).await {
                 Ok(Some((topic, payload))) => {
+                    if topic.ends_with("/inventory") {
+                        let v = self
+                            .trust
+                            .verify_compact(&payload, twin_model::inventory::INVENTORY_TYP, 1 << 20)
+                            .map_err(|e| anyhow::anyhow!("an inventory does not verify: {e}"))?;
+                        self.inventories.push(serde_json::from_slice(&v.payload)?);
+                    }
                     let ev = self.watcher.handle(&topic, &payload);
                     if topic.ends_with("/telemetry") && matches!(ev, WatchEvent::Batch { .. }) {
                         self.telemetry.push(String::from_utf8(payload)?);
@@ -160,6 +172,25 @@ impl Twin {
             }
         }
         Ok(())
+    }
+
+    /// The first device of the latest inventory, once it carries the
+    /// identity the device reported (waits up to 15 s).
+    async fn identified_device(&mut self) -> anyhow::Result<twin_model::inventory::DeviceEntry> {
+        let identified = |t: &Twin| {
+            t.inventories
+                .last()
+                .and_then(|i| i.devices.first())
+                .filter(|d| d.identity.is_some())
+                .cloned()
+        };
+        self.until(
+            Duration::from_secs(15),
+            "a device identity in the inventory",
+            |t| identified(t).is_some(),
+        )
+        .await?;
+        identified(self).context("checked above")
     }
 
     fn view(&self) -> twinctl::watch::GatewayView {
@@ -470,7 +501,30 @@ async fn every_type_and_byte_order_from_pymodbus_decodes_exactly() -> anyhow::Re
         |t| t.view().tags.len() == n,
     )
     .await?;
+    // pymodbus's identity (FC 43/14) in the signed inventory.
+    let device = twin.identified_device().await?;
     gw.stop().await;
+    let fields = &device.identity.context("checked above")?.fields;
+    use twin_model::inventory::field;
+    let names = [
+        field::VENDOR_NAME,
+        field::PRODUCT_CODE,
+        field::REVISION,
+        field::VENDOR_URL,
+        field::PRODUCT_NAME,
+        field::MODEL_NAME,
+    ];
+    for (ours, theirs) in names
+        .iter()
+        .zip(twin_testkit::python::PYMODBUS_IDENTITY_OBJECTS)
+    {
+        assert_eq!(
+            fields.get(*ours),
+            py.identity.get(theirs),
+            "{ours} ({theirs}) as pymodbus reports it"
+        );
+    }
+    assert_eq!(fields.len(), 6, "{fields:?}");
     let mut wrong = Vec::new();
     for p in &py.points {
         let got = twin.tag(&p.name).context("tag in twin")?;

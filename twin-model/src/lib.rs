@@ -17,6 +17,7 @@
 //! - [`result`]: the signed result of a command.
 //! - [`audit`]: the hash-chained audit log records and their verifier.
 //! - [`alert`]: signed alerts of the gateway's watch.
+//! - [`inventory`]: the signed asset inventory (gateway, devices and their identities, SBOM hash).
 //!
 //! The wire format is documented with golden test vectors in `docs/wire-format.md`;
 //! the tests in [`golden`] keep the document and the code in step.
@@ -27,6 +28,7 @@ pub mod batch;
 pub mod command;
 pub mod gap;
 pub mod golden;
+pub mod inventory;
 pub mod jws;
 pub mod result;
 pub mod sample;

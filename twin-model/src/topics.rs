@@ -23,6 +23,11 @@ pub const RESULT: &str = "result";
 pub const ALERTS: &str = "alerts";
 /// The gateway's security self-check report (QoS 1, retained).
 pub const SELFCHECK: &str = "selfcheck";
+/// The signed asset inventory (QoS 1, retained).
+pub const INVENTORY: &str = "inventory";
+/// The signed index of the software bill of materials (QoS 1, retained);
+/// its parts are on `sbom/<index>` (see [`crate::inventory::SbomIndex`]).
+pub const SBOM: &str = "sbom";
 /// The gateway's audit records, each line exactly as written to its audit
 /// log (QoS 1, not retained).
 pub const AUDIT: &str = "audit";
@@ -68,6 +73,16 @@ impl Topics {
     }
     pub fn selfcheck(&self) -> String {
         format!("{}/{SELFCHECK}", self.base)
+    }
+    pub fn inventory(&self) -> String {
+        format!("{}/{INVENTORY}", self.base)
+    }
+    pub fn sbom(&self) -> String {
+        format!("{}/{SBOM}", self.base)
+    }
+    /// Part `index` (from 0) of the SBOM named by the index on [`Topics::sbom`].
+    pub fn sbom_part(&self, index: usize) -> String {
+        format!("{}/{SBOM}/{index}", self.base)
     }
     /// Filter matching every topic of this gateway.
     pub fn all(&self) -> String {

@@ -233,6 +233,11 @@ impl OperatorTrustStore {
         self.keys.get(kid)
     }
 
+    /// Every trusted key, by key id.
+    pub fn keys(&self) -> impl Iterator<Item = &TrustedKey> {
+        self.keys.values()
+    }
+
     pub fn len(&self) -> usize {
         self.keys.len()
     }

@@ -228,7 +228,8 @@ impl Loader<'_> {
         self.r.unknown_keys(
             root,
             &[
-                "gateway", "signing", "mqtt", "outbox", "audit", "commands", "metrics", "devices",
+                "gateway", "signing", "mqtt", "outbox", "audit", "commands", "metrics", "watch",
+                "devices",
             ],
         );
         let gateway = self
@@ -245,6 +246,7 @@ impl Loader<'_> {
         let audit = self.audit(root, gateway.as_ref().map(|g| g.data_dir.as_path()));
         let commands = self.commands(root);
         let metrics = self.metrics(root);
+        let watch = self.watch(root);
         let devices = self.devices(root);
         Some(Config {
             source: self.source.to_path_buf(),
@@ -255,6 +257,7 @@ impl Loader<'_> {
             audit: audit?,
             commands: commands?,
             metrics: metrics?,
+            watch: watch?,
             devices: devices?,
             checks: std::mem::take(&mut self.checks),
         })
@@ -491,6 +494,43 @@ impl Loader<'_> {
         Some(Some(MetricsConfig {
             listen: listen.or(default)?,
         }))
+    }
+
+    /// The optional `[watch]` table.
+    fn watch(&mut self, root: &Table<'_, '_>) -> Option<WatchConfig> {
+        let t = match self.r.table(root, "watch", "[watch]") {
+            Field::Absent => return Some(WatchConfig::default()),
+            Field::Invalid => return None,
+            Field::Valid(t) => t.into_inner(),
+        };
+        self.r
+            .unknown_keys(&t, &["usual_hours", "learn_days", "unusual_step_factor"]);
+        let usual_hours = match self.r.table(&t, "usual_hours", "[watch] usual_hours") {
+            Field::Absent => Some(None),
+            Field::Invalid => None,
+            Field::Valid(w) => crate::policy::load::window(&mut self.r, &w.into_inner()).map(Some),
+        };
+        let learn_days = self.r.integer::<u64>(&t, "learn_days", 0..=365);
+        let factor = self.r.number(&t, "unusual_step_factor").and_then(|f| {
+            if f.get_ref().is_finite() && *f.get_ref() > 1.0 {
+                Some(*f.get_ref())
+            } else {
+                self.r.error_help(
+                    &f.span(),
+                    format!("unusual_step_factor = {} in [watch] must be more than 1", f.get_ref()),
+                    Some("a command step this many times larger than the largest one seen for the tag raises an alert; 3 is a good start"),
+                );
+                None
+            }
+        });
+        let default = WatchConfig::default();
+        Some(WatchConfig {
+            usual_hours: usual_hours?,
+            learn: learn_days
+                .and_then(|d| Some(Duration::from_secs(d.into_inner() * 86_400)))
+                .or(default.learn)?,
+            step_factor: factor.or(default.step_factor)?,
+        })
     }
 
     /// The optional `[commands]` table.
@@ -812,9 +852,11 @@ impl Loader<'_> {
                 "max_bits_per_request",
                 "reconnect_min_ms",
                 "reconnect_max_ms",
+                "identify",
                 "tags",
             ],
         );
+        let identify = self.r.boolean(t, "identify");
         let address = self.r.non_empty(t, "address").and_then(|a| {
             let problem = match a.get_ref().rsplit_once(':') {
                 None => Some("it has no port"),
@@ -868,6 +910,7 @@ impl Loader<'_> {
             max_bits_per_request: max_bits.or(2000)?,
             reconnect_min,
             reconnect_max,
+            identify: identify.or(true)?,
             tags: tags?,
         })
     }

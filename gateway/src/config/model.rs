@@ -22,6 +22,8 @@ pub struct Config {
     pub commands: Option<CommandsConfig>,
     /// `None` without a `[metrics]` table: no listening port at all.
     pub metrics: Option<MetricsConfig>,
+    /// The command-flow baselines (`[watch]`, optional).
+    pub watch: WatchConfig,
     pub devices: Vec<DeviceConfig>,
     /// Plausibility checks by tag name (the tags' `check` tables).
     pub checks: std::collections::BTreeMap<String, TagChecks>,
@@ -52,6 +54,38 @@ pub struct BaselineCheck {
     pub warmup: u64,
     /// One baseline per hour of the day (24 baselines) instead of one.
     pub per_hour: bool,
+}
+
+/// The command-flow baselines (`[watch]`, optional; see `watch::flows`).
+#[derive(Debug, Clone)]
+pub struct WatchConfig {
+    /// When commands are expected; a command outside raises
+    /// `command_outside_hours`. Without it, the hours are learned.
+    pub(crate) usual_hours: Option<crate::policy::model::Window>,
+    /// How long first-seen operators and keys, and the hours of commands,
+    /// are learned silently after the first command.
+    pub learn: Duration,
+    /// A command step larger than this many times the largest step seen
+    /// for the tag raises `command_unusual_step`.
+    pub step_factor: f64,
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        WatchConfig {
+            usual_hours: None,
+            learn: Duration::from_secs(7 * 86_400),
+            step_factor: 3.0,
+        }
+    }
+}
+
+impl PartialEq for WatchConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.usual_hours.as_ref().map(|w| &w.text) == other.usual_hours.as_ref().map(|w| &w.text)
+            && self.learn == other.learn
+            && self.step_factor == other.step_factor
+    }
 }
 
 /// The metrics and health endpoint (`[metrics]`, optional).
@@ -392,6 +426,9 @@ pub struct ModbusDeviceConfig {
     pub max_bits_per_request: u16,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// Read the device's identity (FC 43/14) after each connect, for the
+    /// asset inventory (`identify = false` for devices that misbehave on it).
+    pub identify: bool,
     pub tags: Vec<ModbusTag>,
 }
 

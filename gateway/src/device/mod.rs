@@ -51,17 +51,35 @@ pub struct DeviceContext {
     pub stats: std::sync::Arc<crate::metrics::DeviceStats>,
 }
 
-/// A security finding of a device connection, for the audit log.
+/// What a device driver tells the rest of the gateway besides samples.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceNotice {
-    pub device: String,
-    /// Stable code, e.g. `opcua_untrusted_certificate`.
-    pub code: &'static str,
-    pub detail: String,
+pub enum DeviceNotice {
+    /// A security finding of the connection, for the audit log.
+    Security {
+        device: String,
+        /// Stable code, e.g. `opcua_untrusted_certificate`.
+        code: &'static str,
+        detail: String,
+    },
+    /// What the device reported about itself after a connection was made
+    /// (Modbus FC 43/14, OPC UA BuildInfo), or why it reported nothing
+    /// (`Err(status)`, e.g. `not_supported`), for the asset inventory.
+    Identity {
+        device: String,
+        identity: Result<twin_model::inventory::DeviceIdentity, String>,
+    },
+    /// A reply that came from somebody else than the configured device
+    /// (a Modbus reply with another unit id).
+    ForeignReply {
+        device: String,
+        /// What answered, e.g. `unit 7`.
+        answered: String,
+        detail: String,
+    },
 }
 
-/// The sending side of device notices; a driver reports a condition when
-/// it starts, not at every retry.
+/// The sending side of device notices; a driver reports a security
+/// condition when it starts, not at every retry.
 #[derive(Debug, Clone, Default)]
 pub struct Notices(Option<mpsc::UnboundedSender<DeviceNotice>>);
 
@@ -70,15 +88,53 @@ impl Notices {
         Notices(Some(tx))
     }
 
-    pub fn report(&self, device: &str, code: &'static str, detail: impl Into<String>) {
+    fn send(&self, n: DeviceNotice) {
         if let Some(tx) = &self.0 {
-            let _ = tx.send(DeviceNotice {
-                device: device.to_owned(),
-                code,
-                detail: detail.into(),
-            });
+            let _ = tx.send(n);
         }
     }
+
+    /// A security finding (audited as `device_security`).
+    pub fn report(&self, device: &str, code: &'static str, detail: impl Into<String>) {
+        self.send(DeviceNotice::Security {
+            device: device.to_owned(),
+            code,
+            detail: detail.into(),
+        });
+    }
+
+    /// The identity the device reported, or why there is none.
+    pub fn identity(
+        &self,
+        device: &str,
+        identity: Result<twin_model::inventory::DeviceIdentity, String>,
+    ) {
+        self.send(DeviceNotice::Identity {
+            device: device.to_owned(),
+            identity,
+        });
+    }
+
+    /// A reply from something that is not the configured device.
+    pub fn foreign_reply(&self, device: &str, answered: String, detail: impl Into<String>) {
+        self.send(DeviceNotice::ForeignReply {
+            device: device.to_owned(),
+            answered,
+            detail: detail.into(),
+        });
+    }
+}
+
+/// Device-reported text made fit for the inventory: control characters
+/// dropped, at most 255 characters (the most one Modbus object holds).
+pub fn printable(raw: &[u8]) -> String {
+    String::from_utf8_lossy(raw)
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(255)
+        .collect::<String>()
+        .trim()
+        .to_owned()
 }
 
 /// One permitted write, on its way to the device that holds the tag.

@@ -41,6 +41,7 @@ use opcua::types::{
 };
 use tokio::sync::mpsc;
 use tracing::{info, warn};
+use twin_model::inventory::DeviceIdentity;
 use twin_model::sample::reason;
 use twin_model::{Quality, Sample, Value};
 
@@ -416,7 +417,7 @@ impl OpcUaDriver {
                 () = shutdown.cancelled() => return,
                 r = self.connect() => r,
             };
-            let (session, events) = match attempt {
+            let (session, events, facts) = match attempt {
                 Ok(s) => s,
                 Err(e) => {
                     if let ConnectError::NoAcceptableEndpoint { .. } = &e {
@@ -436,12 +437,12 @@ impl OpcUaDriver {
             delay = cfg.reconnect_min;
             let ended = self
                 .serve(
-                    session.clone(),
-                    events,
+                    (session.clone(), events, facts),
                     &shutdown,
                     &out,
                     &mut writes,
                     &stats,
+                    &notices,
                 )
                 .await;
             stats.connected.store(false, Ordering::Relaxed);
@@ -504,7 +505,7 @@ impl OpcUaDriver {
     }
 
     /// Discovery, endpoint choice and the session (not yet connected).
-    async fn connect(&self) -> Result<(Arc<Session>, SessionEvents), ConnectError> {
+    async fn connect(&self) -> Result<(Arc<Session>, SessionEvents, ServerFacts), ConnectError> {
         let mut client = self.client()?;
         let url = self.cfg.endpoint_url.clone();
         let offered = client
@@ -519,22 +520,26 @@ impl OpcUaDriver {
         // keep the configured address.
         endpoint.endpoint_url = url.as_str().into();
         info!(device = %self.cfg.name, policy = SecurityPolicy::from_uri(endpoint.security_policy_uri.as_ref()).to_str(), mode = ?endpoint.security_mode, "OPC UA endpoint chosen");
+        let facts = ServerFacts {
+            application_uri: endpoint.server.application_uri.as_ref().to_owned(),
+            certificate: endpoint.server_certificate.as_ref().to_vec(),
+        };
         let identity = self.identity()?;
         let (session, event_loop) = client
             .connect_to_endpoint_directly(endpoint, identity)
             .map_err(|e| ConnectError::Setup(format!("session setup: {e}")))?;
-        Ok((session, Box::pin(event_loop.enter())))
+        Ok((session, Box::pin(event_loop.enter()), facts))
     }
 
     /// Runs one session: waits for it, subscribes (or polls), serves writes.
     async fn serve(
         &self,
-        session: Arc<Session>,
-        stream: SessionEvents,
+        (session, stream, facts): (Arc<Session>, SessionEvents, ServerFacts),
         shutdown: &tokio_util::sync::CancellationToken,
         out: &mpsc::Sender<DeviceEvent>,
         writes: &mut mpsc::Receiver<WriteRequest>,
         stats: &DeviceStats,
+        notices: &super::Notices,
     ) -> Served {
         let cfg = &self.cfg;
         // The session's requests only progress while its event loop is
@@ -571,6 +576,8 @@ impl OpcUaDriver {
                     Some(Ok(SessionPollResult::Reconnected(_))) => {
                         connected = true;
                         stats.connected.store(true, Ordering::Relaxed);
+                        stats.connects.fetch_add(1, Ordering::Relaxed);
+                        notices.identity(&cfg.name, Ok(build_info(&session, &facts).await));
                         match session.read_namespace_array().await {
                             Ok(map) => {
                                 nodes = cfg.tags.iter().map(|t| match resolve(t, &map) {
@@ -924,6 +931,72 @@ fn security_code(status: StatusCode) -> Option<&'static str> {
         StatusCode::BadSecurityPolicyRejected => "opcua_security_policy_rejected",
         _ => return None,
     })
+}
+
+/// What the chosen endpoint says about the server.
+struct ServerFacts {
+    application_uri: String,
+    /// DER.
+    certificate: Vec<u8>,
+}
+
+/// The server's identity: `ServerStatus.BuildInfo` (whatever of it can be
+/// read), its application URI and its certificate's fingerprints.
+async fn build_info(session: &Session, facts: &ServerFacts) -> DeviceIdentity {
+    use twin_model::inventory::field;
+    let mut identity = DeviceIdentity::default();
+    let mut put = |name: &str, value: String| {
+        if !value.is_empty() {
+            identity.fields.insert(name.to_owned(), value);
+        }
+    };
+    put(
+        field::APPLICATION_URI,
+        super::printable(facts.application_uri.as_bytes()),
+    );
+    if !facts.certificate.is_empty() {
+        let sha1 = aws_lc_rs::digest::digest(
+            &aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY,
+            &facts.certificate,
+        );
+        put(
+            field::CERTIFICATE_SHA1,
+            crate::inventory::hex(sha1.as_ref()),
+        );
+        put(
+            field::CERTIFICATE_SHA256,
+            crate::inventory::hex(&twin_model::jws::sha256(&facts.certificate)),
+        );
+    }
+    // Server_ServerStatus_BuildInfo_* (namespace 0).
+    let nodes = [
+        (2261u32, field::PRODUCT_NAME),
+        (2262, field::PRODUCT_URI),
+        (2263, field::MANUFACTURER_NAME),
+        (2264, field::SOFTWARE_VERSION),
+        (2265, field::BUILD_NUMBER),
+        (2266, field::BUILD_DATE),
+    ];
+    let ids: Vec<ReadValueId> = nodes
+        .iter()
+        .map(|(i, _)| ReadValueId::from(NodeId::new(0, *i)))
+        .collect();
+    match session.read(&ids, TimestampsToReturn::Neither, 0.0).await {
+        Ok(values) => {
+            for ((_, name), dv) in nodes.iter().zip(values) {
+                let text = match dv.value {
+                    Some(Variant::String(s)) => super::printable(s.as_ref().as_bytes()),
+                    Some(Variant::DateTime(d)) => d.to_rfc3339(),
+                    _ => continue,
+                };
+                put(name, text);
+            }
+        }
+        Err(status) => {
+            tracing::debug!(status = %status, "BuildInfo not readable");
+        }
+    }
+    identity
 }
 
 #[cfg(test)]

@@ -115,6 +115,7 @@ pub struct Downlink {
     alerts_rx: Option<mpsc::UnboundedReceiver<crate::watch::alerts::Finding>>,
     summarizer: crate::watch::alerts::Summarizer,
     flows: crate::watch::flows::FlowWatch,
+    inventory: crate::inventory::Inventory,
 }
 
 /// A message refused before the policy saw it.
@@ -169,10 +170,18 @@ impl Downlink {
         )
         .await;
         let stats = Arc::new(DownlinkStats::default());
+        let key = parts.key;
+        let inventory = crate::inventory::Inventory::new(
+            &cfg,
+            key.clone(),
+            parts.topics.clone(),
+            parts.alerts.clone(),
+            parts.device_stats.clone(),
+        );
         let mut d = Downlink {
             config: cfg.clone(),
             gateway_id: cfg.gateway.id.clone(),
-            key: parts.key,
+            key,
             topics: parts.topics,
             audit,
             commands: None,
@@ -184,10 +193,17 @@ impl Downlink {
                 &cfg.gateway.id,
                 Duration::from_secs(60),
             ),
+            inventory,
             flows: crate::watch::flows::FlowWatch::new(
                 parts.alerts,
                 parts.device_stats,
                 parts.link_stats,
+                cfg.watch.clone(),
+                Some(
+                    cfg.gateway
+                        .data_dir
+                        .join(crate::watch::flows::BASELINE_FILE),
+                ),
             ),
         };
         let text = std::fs::read(&cfg.source).unwrap_or_default();
@@ -241,6 +257,10 @@ impl Downlink {
         let mut checkpoint = tokio::time::interval(Duration::from_secs(1));
         // The security self-check at start and then hourly.
         let mut selfcheck = tokio::time::interval(Duration::from_secs(3600));
+        // The SBOM does not change while the gateway runs: once, retained.
+        for msg in self.inventory.sbom(self.config.mqtt.max_message_bytes) {
+            let _ = self.out.send(msg).await;
+        }
         loop {
             tokio::select! {
                 biased;
@@ -261,16 +281,7 @@ impl Downlink {
                         None => std::future::pending().await,
                     }
                 } => match n {
-                    Some(n) => {
-                        let _ = self
-                            .audit
-                            .append(Event::DeviceSecurity(record::DeviceSecurity {
-                                device: n.device,
-                                code: n.code.to_owned(),
-                                detail: n.detail,
-                            }))
-                            .await;
-                    }
+                    Some(n) => self.notice(n).await,
                     None => self.notices = None,
                 },
                 f = async {
@@ -291,6 +302,9 @@ impl Downlink {
                 _ = checkpoint.tick() => {
                     let now = now_ms();
                     self.flows.tick(now);
+                    if let Some(msg) = self.inventory.due(now) {
+                        let _ = self.out.send(msg).await;
+                    }
                     for alert in self.summarizer.flush(now) {
                         self.emit_alert(alert).await;
                     }
@@ -299,6 +313,39 @@ impl Downlink {
             }
         }
         self.audit.close("shutdown").await;
+    }
+
+    /// A device driver's notice: security findings are audited, identities
+    /// and foreign replies go to the inventory.
+    async fn notice(&mut self, n: crate::device::DeviceNotice) {
+        use crate::device::DeviceNotice;
+        match n {
+            DeviceNotice::Security {
+                device,
+                code,
+                detail,
+            } => {
+                self.flows.device_security(&device, code, &detail, now_ms());
+                let _ = self
+                    .audit
+                    .append(Event::DeviceSecurity(record::DeviceSecurity {
+                        device,
+                        code: code.to_owned(),
+                        detail,
+                    }))
+                    .await;
+            }
+            DeviceNotice::Identity { device, identity } => {
+                self.inventory.identity(&device, identity, now_ms());
+            }
+            DeviceNotice::ForeignReply {
+                device,
+                answered,
+                detail,
+            } => self
+                .inventory
+                .foreign_reply(&device, &answered, &detail, now_ms()),
+        }
     }
 
     /// One command message, from check to result.
@@ -392,6 +439,20 @@ impl Downlink {
             .and_then(|p| c.engine.shadow(p, &pc, &*c.current));
         let decision = c.engine.decide(&pc, &*c.current);
         let outcome = decision.outcome();
+        let step = cmd.value.as_f64().and_then(|to| {
+            let now = crate::policy::CurrentValues::current(&*c.current, &cmd.tag)?;
+            Some((to - now.good_value()?.as_f64()?).abs())
+        });
+        self.flows.command(
+            crate::watch::flows::CommandSeen {
+                operator: &cmd.operator,
+                kid: &cmd.kid,
+                tag: &cmd.tag,
+                step,
+                permitted: matches!(outcome, Outcome::Permit { .. }),
+            },
+            now,
+        );
         let (kind, code, reason) = match &outcome {
             Outcome::Permit { rule } => (
                 record::Decision::Permit,
@@ -677,6 +738,7 @@ impl Downlink {
                         tracing::warn!(warning = %w.0, "policy warning");
                     }
                     c.engine.replace(engine);
+                    self.inventory.set_policy(fp.clone());
                     self.stats.policy_loads.fetch_add(1, Ordering::Relaxed);
                     events.push(Event::PolicyLoaded(record::PolicyLoaded {
                         source,
@@ -692,6 +754,7 @@ impl Downlink {
                     } else {
                         tracing::error!(policy = %source, errors = errors.errors.len(), "no valid policy: every command is denied");
                         c.engine.replace(engine);
+                        self.inventory.set_policy(None);
                     }
                     for e in &errors.errors {
                         tracing::error!("{e}");

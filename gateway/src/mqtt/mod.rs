@@ -157,7 +157,20 @@ pub struct LinkStats {
     pub received: AtomicU64,
     /// Results and audit lines dropped while the broker was unreachable.
     pub events_dropped: AtomicU64,
+    /// Connections that ended by an error after the broker accepted them,
+    /// and those of them that had lasted less than [`SHORT_SESSION`]: a
+    /// second client with the gateway's identity takes the session over
+    /// again and again.
+    pub lost: AtomicU64,
+    pub lost_short: AtomicU64,
+    /// Connect attempts that failed in TLS or were refused by the broker
+    /// (certificate, authentication or authorization problems).
+    pub auth_failures: AtomicU64,
 }
+
+/// A connection lost sooner than this after the broker accepted it counts
+/// as short (see [`LinkStats::lost_short`]).
+pub const SHORT_SESSION: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Everything the link needs.
 pub struct LinkParams {
@@ -276,6 +289,8 @@ pub async fn run(
         tokio::spawn(async move {
             let _ = state_tx.send(LinkState::Connecting);
             let mut last_error = String::new();
+            // When the broker last accepted the connection, while it lasts.
+            let mut up_since: Option<std::time::Instant> = None;
             loop {
                 // Only the abort branch can interrupt a poll: after an
                 // abort nothing of the connection is used again.
@@ -286,6 +301,7 @@ pub async fn run(
                 match ev {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         stats.connects.fetch_add(1, Ordering::Relaxed);
+                        up_since = Some(std::time::Instant::now());
                         backoff.reset();
                         last_error.clear();
                         tracing::info!(broker = %target, "connected to the broker");
@@ -355,8 +371,28 @@ pub async fn run(
                     Ok(_) => {}
                     Err(e) => {
                         stats.connect_failures.fetch_add(1, Ordering::Relaxed);
-                        let _ = ctl_tx.send(Ctl::Disconnected);
                         let why = tls::explain(&e);
+                        match up_since.take() {
+                            Some(since) => {
+                                stats.lost.fetch_add(1, Ordering::Relaxed);
+                                if since.elapsed() < SHORT_SESSION {
+                                    stats.lost_short.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                            // With TLS 1.3 a refused client certificate
+                            // arrives as an alert on the first read.
+                            None if matches!(
+                                e,
+                                rumqttc::ConnectionError::Tls(_)
+                                    | rumqttc::ConnectionError::ConnectionRefused(_)
+                            ) || why.contains("alert")
+                                || why.to_ascii_lowercase().contains("certificate") =>
+                            {
+                                stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+                            }
+                            None => {}
+                        }
+                        let _ = ctl_tx.send(Ctl::Disconnected);
                         if why != last_error {
                             tracing::warn!(broker = %target, error = %why, "MQTT connection failed; retrying with backoff");
                             last_error = why.clone();

@@ -769,8 +769,6 @@ fn round(x: f64) -> f64 {
     (x * 1e9).round() / 1e9
 }
 
-const WEEKDAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
-
 fn window(rule: &Rule, cmd: &Command) -> CheckResult {
     if rule.windows.is_empty() {
         return Ok("no time window: any time".into());
@@ -786,17 +784,8 @@ fn window(rule: &Rule, cmd: &Command) -> CheckResult {
     };
     let mut local = None;
     for w in &rule.windows {
-        let z = ts.to_zoned_datetime(w.tz.clone());
-        let day = z.weekday().to_monday_zero_offset() as usize;
-        let second = (z.hour() as u32) * 3600 + (z.minute() as u32) * 60 + z.second() as u32;
-        let at = format!(
-            "{} {:02}:{:02} {}",
-            WEEKDAYS[day % 7],
-            z.hour(),
-            z.minute(),
-            w.tz.iana_name().unwrap_or("")
-        );
-        if w.contains(day % 7, second) {
+        let (inside, at) = w.at(ts);
+        if inside {
             return Ok(format!("{at} is inside the window {}", w.text));
         }
         local.get_or_insert(at);

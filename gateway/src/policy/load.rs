@@ -955,7 +955,7 @@ fn parse_days(s: &str) -> Result<[bool; 7], String> {
     Ok(days)
 }
 
-fn window(r: &mut Reader<'_>, t: &Table<'_, '_>) -> Option<Window> {
+pub(crate) fn window(r: &mut Reader<'_>, t: &Table<'_, '_>) -> Option<Window> {
     r.unknown_keys(t, WINDOW_KEYS);
     let days_help = "write days like \"mon-fri\", \"sat,sun\", \"mon,wed-fri\" or \"daily\"";
     let days = r

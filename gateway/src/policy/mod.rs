@@ -49,7 +49,7 @@ pub mod model;
 mod cases;
 mod command;
 mod decide;
-mod load;
+pub(crate) mod load;
 #[cfg(test)]
 mod tests;
 

@@ -134,6 +134,23 @@ impl Window {
                 || (self.days[yesterday] && second < self.to_s)
         }
     }
+
+    /// Whether the instant `ts` falls in the window, and the local time
+    /// in words (`Tue 03:12 Europe/Berlin`).
+    pub fn at(&self, ts: jiff::Timestamp) -> (bool, String) {
+        const WEEKDAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+        let z = ts.to_zoned_datetime(self.tz.clone());
+        let day = z.weekday().to_monday_zero_offset() as usize % 7;
+        let second = (z.hour() as u32) * 3600 + (z.minute() as u32) * 60 + z.second() as u32;
+        let text = format!(
+            "{} {:02}:{:02} {}",
+            WEEKDAYS[day],
+            z.hour(),
+            z.minute(),
+            self.tz.iana_name().unwrap_or("")
+        );
+        (self.contains(day, second), text)
+    }
 }
 
 /// A condition on another tag's current value.

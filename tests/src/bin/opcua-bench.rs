@@ -362,10 +362,11 @@ fn gateway_files(
         std::fs::create_dir_all(opc.join(d))?;
     }
     let uri = gateway::pki::opcua_application_uri(GW);
-    let (der, key) = gateway::pki::opcua_application_cert(
+    let (der, key) = gateway::pki::opcua_application_cert_in_unit(
         &uri,
         &["localhost".to_string()],
         gateway::pki::Validity::days(30),
+        twin_testkit::pki::TEST_OU,
     )?;
     std::fs::write(opc.join("own/cert.der"), der)?;
     gateway::keyfile::write_private(&opc.join("private/private.pem"), &key)?;

@@ -205,6 +205,9 @@ struct Operator {
     results: BTreeMap<String, CommandResult>,
     audit_lines: Vec<String>,
     alerts: Vec<twin_model::alert::Alert>,
+    inventories: Vec<twin_model::inventory::Inventory>,
+    sbom_index: Option<twin_model::inventory::SbomIndex>,
+    sbom_parts: BTreeMap<usize, Vec<u8>>,
     online: u64,
 }
 
@@ -245,6 +248,9 @@ impl Operator {
             results: BTreeMap::new(),
             audit_lines: Vec::new(),
             alerts: Vec::new(),
+            inventories: Vec::new(),
+            sbom_index: None,
+            sbom_parts: BTreeMap::new(),
             online: 0,
         })
     }
@@ -270,6 +276,27 @@ impl Operator {
                 .verify_compact(&payload, twin_model::alert::ALERT_TYP, 1 << 20)
                 .map_err(|e| anyhow::anyhow!("an alert does not verify: {e}"))?;
             self.alerts.push(serde_json::from_slice(&v.payload)?);
+        } else if topic.ends_with("/inventory") {
+            let v = self
+                .trust
+                .verify_compact(&payload, twin_model::inventory::INVENTORY_TYP, 1 << 20)
+                .map_err(|e| anyhow::anyhow!("an inventory does not verify: {e}"))?;
+            self.inventories.push(serde_json::from_slice(&v.payload)?);
+        } else if topic.ends_with("/sbom") {
+            let v = self
+                .trust
+                .verify_compact(&payload, twin_model::inventory::SBOM_TYP, 1 << 20)
+                .map_err(|e| anyhow::anyhow!("the SBOM index does not verify: {e}"))?;
+            self.sbom_index = Some(serde_json::from_slice(&v.payload)?);
+        } else if let Some(i) = topic
+            .rsplit_once("/sbom/")
+            .and_then(|(_, i)| i.parse::<usize>().ok())
+        {
+            let v = self
+                .trust
+                .verify_compact(&payload, twin_model::inventory::SBOM_PART_TYP, 1 << 20)
+                .map_err(|e| anyhow::anyhow!("an SBOM part does not verify: {e}"))?;
+            self.sbom_parts.insert(i, v.payload);
         } else if topic.ends_with("/audit") {
             self.audit_lines.push(String::from_utf8(payload)?);
         } else if topic.ends_with("/status") && payload.len() > 10 {
@@ -1448,4 +1475,244 @@ async fn an_implausible_value_is_flagged_inside_the_signed_sample_and_alerted_on
     assert!(audited >= 1, "the alert is in the audit log");
     s.plc.stop().await;
     Ok(())
+}
+
+/// Waits until `op` holds an alert with `code`, at most `within`.
+async fn alert_within(
+    op: &mut Operator,
+    code: &str,
+    within: Duration,
+) -> anyhow::Result<twin_model::alert::Alert> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(a) = op.alerts.iter().find(|a| a.code == code) {
+            return Ok(a.clone());
+        }
+        if Instant::now() > deadline {
+            bail!("no {code} alert within {within:?}: {:?}", op.alerts);
+        }
+        op.pump(Duration::from_millis(100)).await?;
+    }
+}
+
+/// Waits until the latest inventory satisfies `ok`.
+async fn inventory_where(
+    op: &mut Operator,
+    what: &str,
+    ok: impl Fn(&twin_model::inventory::Inventory) -> bool,
+) -> anyhow::Result<twin_model::inventory::Inventory> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(inv) = op.inventories.last().filter(|i| ok(i)) {
+            return Ok(inv.clone());
+        }
+        if Instant::now() > deadline {
+            bail!("no inventory with {what}: {:?}", op.inventories.last());
+        }
+        op.pump(Duration::from_millis(100)).await?;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inventory_holds_the_real_identities_and_a_swapped_device_a_foreign_unit_an_exception_storm_and_a_command_at_night_raise_alerts(
+) -> anyhow::Result<()> {
+    use twin_model::inventory::field;
+    use twin_testkit::sim;
+    init();
+    // Usual hours: one hour, six hours from now (UTC), so that now is not.
+    let h = (now_s() / 3600) % 24;
+    let watch = format!(
+        "[watch]\nusual_hours = {{ from = \"{:02}:00\", to = \"{:02}:00\", tz = \"UTC\" }}\n",
+        (h + 6) % 24,
+        (h + 7) % 24
+    );
+    let mut s = Setup::new(&format!("{FAST_OPERATORS}{watch}")).await?;
+    // The PLC behind a proxy that can make another unit id answer.
+    let proxy = twin_testkit::rogue::UnitRewriter::start(s.plc.addr())?;
+    let text = std::fs::read_to_string(&s.cfg.source)?.replacen(
+        &format!("\"{}\"", s.plc.addr()),
+        &format!("\"{}\"", proxy.addr()),
+        1,
+    );
+    s.cfg = write_config(s.pki.root(), &text, 50)?;
+    let mut op = Operator::start(&s).await?;
+    let gw = s.start_gateway().await?;
+    op.wait_online(1).await?;
+
+    // The inventory: the simulator's identity as read over FC 43/14.
+    let inv = inventory_where(&mut op, "the PLC's identity", |i| {
+        i.devices.first().is_some_and(|d| d.identity.is_some())
+    })
+    .await?;
+    let dev = &inv.devices[0];
+    assert_eq!(
+        (dev.name.as_str(), dev.protocol.as_str(), dev.unit_id),
+        ("plc1", "modbus_tcp", Some(1))
+    );
+    assert_eq!(dev.endpoint, proxy.addr().to_string());
+    assert_eq!(dev.tags.len(), 16);
+    assert!(dev.writable.contains(&"tank1.level_setpoint".to_string()));
+    let fields = &dev.identity.as_ref().expect("checked above").fields;
+    let real = sim::Identity::default_tank();
+    assert_eq!(fields.get(field::VENDOR_NAME), Some(&real.vendor));
+    assert_eq!(fields.get(field::PRODUCT_CODE), Some(&real.product_code));
+    assert_eq!(fields.get(field::REVISION), Some(&real.revision));
+    assert_eq!(fields.get(field::MODEL_NAME), real.model_name.as_ref());
+    assert!(s.plc.identification_frames() >= 1);
+    // The gateway itself.
+    let g = &inv.gateway;
+    assert_eq!(g.version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(g.deployment_profile, "production");
+    assert!(
+        g.features.contains(&"commands".to_string())
+            && g.features.contains(&"modbus_tcp".to_string())
+    );
+    assert_eq!(
+        g.config_sha256,
+        b64url(&sha256(&std::fs::read(&s.cfg.source)?)),
+        "the hash of the file read at start"
+    );
+    assert!(g.policy_sha256.is_some(), "a policy is in force");
+    let client_der = x509_der(&s.pki.gateway.cert)?;
+    let mqtt_client = g
+        .certificates
+        .iter()
+        .find(|c| c.role == "mqtt_client")
+        .expect("the MQTT client certificate is listed");
+    assert_eq!(mqtt_client.sha256, hex(&sha256(&client_der)));
+    assert!(mqtt_client.subject.contains(GW) && mqtt_client.not_after_ms > 0);
+    assert!(g.certificates.iter().any(|c| c.role == "mqtt_ca"));
+    assert!(g
+        .keys
+        .iter()
+        .any(|k| k.role == "telemetry_signing" && k.kid == gw.kid));
+    assert_eq!(g.keys.iter().filter(|k| k.role == "operator").count(), 2);
+    // The SBOM it names: signed parts, each within the message size limit,
+    // that together make a CycloneDX document with the same hash.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let complete = |op: &Operator| {
+        op.sbom_index
+            .as_ref()
+            .is_some_and(|i| (0..i.parts.len()).all(|k| op.sbom_parts.contains_key(&k)))
+    };
+    while !complete(&op) && Instant::now() < deadline {
+        op.pump(Duration::from_millis(100)).await?;
+    }
+    let index = op
+        .sbom_index
+        .clone()
+        .context("no SBOM index was published")?;
+    assert!(
+        index.parts.len() >= 2,
+        "the example's 128 KiB limit needs parts"
+    );
+    let mut sbom = Vec::new();
+    for (k, hash) in index.parts.iter().enumerate() {
+        let part = op.sbom_parts.get(&k).context("an SBOM part is missing")?;
+        assert_eq!(&hex(&sha256(part)), hash);
+        sbom.extend_from_slice(part);
+    }
+    assert_eq!(sbom.len(), index.bytes);
+    assert_eq!(hex(&sha256(&sbom)), g.sbom_sha256);
+    assert_eq!(index.sha256, g.sbom_sha256);
+    let doc: serde_json::Value = serde_json::from_slice(&sbom)?;
+    assert_eq!(doc["specVersion"], "1.5");
+    assert!(doc["components"]
+        .as_array()
+        .is_some_and(|c| c.len() == g.sbom_components && c.iter().any(|c| c["name"] == "tokio")));
+    // A clean run raises no alert.
+    op.pump_for(Duration::from_secs(2)).await?;
+    assert!(op.alerts.is_empty(), "{:?}", op.alerts);
+
+    // The device is swapped for one with other firmware: noticed at the
+    // next connection.
+    let mut swapped = real.clone();
+    swapped.revision = "9.9.9".into();
+    s.plc.set_identity(swapped);
+    s.plc.stop().await;
+    s.plc.restart().await?;
+    let a = alert_within(&mut op, "device_identity_changed", Duration::from_secs(15)).await?;
+    assert_eq!(a.subject, "device:plc1");
+    assert_eq!(
+        a.evidence["changes"],
+        serde_json::json!([{"field": "revision", "before": real.revision, "after": "9.9.9"}])
+    );
+    let inv = inventory_where(&mut op, "the new revision", |i| {
+        i.devices[0].identity_changed_ms.is_some()
+    })
+    .await?;
+    assert_eq!(
+        inv.devices[0]
+            .identity
+            .as_ref()
+            .and_then(|i| i.fields.get(field::REVISION)),
+        Some(&"9.9.9".to_string())
+    );
+    assert!(s
+        .cfg
+        .gateway
+        .data_dir
+        .join(gateway::inventory::IDENTITIES_FILE)
+        .exists());
+
+    // Another unit id answers in place of the PLC.
+    proxy.set_answer_unit(Some(7));
+    let a = alert_within(&mut op, "device_unknown_answering", Duration::from_secs(10)).await?;
+    assert_eq!(a.evidence["answered"], "unit 7");
+    assert_eq!(a.subject, "device:plc1");
+    proxy.set_answer_unit(None);
+
+    // An exception storm.
+    s.plc
+        .set_exception(Some(tokio_modbus::ExceptionCode::ServerDeviceBusy));
+    let a = alert_within(&mut op, "device_exception_storm", Duration::from_secs(15)).await?;
+    assert!(
+        a.evidence["exceptions"].as_u64().is_some_and(|n| n >= 3),
+        "{a:?}"
+    );
+    s.plc.set_exception(None);
+
+    // A command outside the usual hours: decided as usual, and alerted.
+    let t = mint_command(
+        &s.idp,
+        &claims("carol", "tank1.level_setpoint", Value::Float(2.5)),
+    );
+    op.send(t.into_bytes()).await?;
+    let a = alert_within(&mut op, "command_outside_hours", Duration::from_secs(5)).await?;
+    assert_eq!(a.subject, "operator:carol");
+    assert!(
+        !op.alerts.iter().any(|a| a.code.starts_with("command_new")),
+        "operators are learned for the first week: {:?}",
+        op.alerts
+    );
+
+    gw.stop().await;
+    // Every alert is in the audit log.
+    let audit = std::fs::read_to_string(&s.cfg.audit.file)?;
+    for code in [
+        "device_identity_changed",
+        "device_unknown_answering",
+        "device_exception_storm",
+        "command_outside_hours",
+    ] {
+        assert!(
+            audit.contains(&format!("\"code\":\"{code}\"")),
+            "{code} is audited"
+        );
+    }
+    s.plc.stop().await;
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    gateway::inventory::hex(bytes)
+}
+
+/// The DER of the first certificate of a PEM file.
+fn x509_der(path: &Path) -> anyhow::Result<Vec<u8>> {
+    gateway::selfcheck::certificate_ders(&std::fs::read(path)?)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        .into_iter()
+        .next()
+        .context("no certificate in the file")
 }

@@ -51,10 +51,11 @@ fn gateway_files(root: &Path, password: &str) -> anyhow::Result<(String, Operato
         std::fs::create_dir_all(opc.join(d))?;
     }
     let uri = gateway::pki::opcua_application_uri(GW);
-    let (der, key) = gateway::pki::opcua_application_cert(
+    let (der, key) = gateway::pki::opcua_application_cert_in_unit(
         &uri,
         &["localhost".to_string()],
         gateway::pki::Validity::days(30),
+        twin_testkit::pki::TEST_OU,
     )?;
     std::fs::write(opc.join("own/cert.der"), der)?;
     gateway::keyfile::write_private(&opc.join("private/private.pem"), &key)?;
@@ -265,6 +266,36 @@ async fn opcua_values_arrive_typed_by_subscription_and_only_permitted_writes_rea
     for (tag, v) in expected {
         assert_eq!(good(&twin, tag), Some(v), "{tag}");
     }
+    // The server's identity in the signed inventory: BuildInfo, the
+    // application URI and the thumbprints of the certificate it presented.
+    let d = twin.identified_device().await?;
+    {
+        use twin_model::inventory::field;
+        use twin_testkit::opcua_sim as sim;
+        assert_eq!(
+            (d.protocol.as_str(), d.endpoint.as_str()),
+            ("opcua", s.sim.endpoint_url().as_str())
+        );
+        let f = &d.identity.context("checked above")?.fields;
+        let der = s.sim.server_cert_der();
+        let expect = [
+            (field::PRODUCT_URI, sim::PRODUCT_URI.to_string()),
+            (field::PRODUCT_NAME, sim::PRODUCT_NAME.to_string()),
+            (field::MANUFACTURER_NAME, sim::MANUFACTURER_NAME.to_string()),
+            (field::SOFTWARE_VERSION, sim::SOFTWARE_VERSION.to_string()),
+            (field::BUILD_NUMBER, sim::BUILD_NUMBER.to_string()),
+            (field::APPLICATION_URI, sim::APPLICATION_URI.to_string()),
+            (
+                field::CERTIFICATE_SHA256,
+                gateway::inventory::hex(&twin_model::jws::sha256(&der)),
+            ),
+        ];
+        for (name, value) in expect {
+            assert_eq!(f.get(name), Some(&value), "{name}");
+        }
+        assert_eq!(f.get(field::CERTIFICATE_SHA1).map(String::len), Some(40));
+    }
+
     // Subscriptions deliver changes.
     let first = good(&twin, "opc.counter");
     twin.until(Duration::from_secs(10), "the counter moves", |t| {
@@ -532,6 +563,35 @@ async fn an_independent_server_python_asyncua_with_basic256sha256_and_a_login_is
         good(t, "peer.double").is_some_and(|v| Some(v) != first)
     })
     .await?;
+    // asyncua's BuildInfo in the signed inventory.
+    let d = twin.identified_device().await?;
+    {
+        use twin_model::inventory::field;
+        use twin_testkit::python as py;
+        let f = &d.identity.context("checked above")?.fields;
+        for (name, value) in [
+            (field::PRODUCT_URI, py::ASYNCUA_PRODUCT_URI),
+            (field::MANUFACTURER_NAME, py::ASYNCUA_MANUFACTURER),
+            (field::PRODUCT_NAME, py::ASYNCUA_PRODUCT_NAME),
+            (field::BUILD_NUMBER, py::ASYNCUA_BUILD_NUMBER),
+            (field::SOFTWARE_VERSION, peer.software_version.as_str()),
+            (
+                field::APPLICATION_URI,
+                twin_testkit::python::ASYNCUA_APPLICATION_URI,
+            ),
+        ] {
+            assert_eq!(f.get(name).map(String::as_str), Some(value), "{name}");
+        }
+        assert_eq!(
+            f.get(field::CERTIFICATE_SHA256),
+            Some(&gateway::inventory::hex(&twin_model::jws::sha256(&der)))
+        );
+        assert!(
+            f.get(field::BUILD_DATE)
+                .is_some_and(|d| d.starts_with("2026-01-02T03:04:05")),
+            "{f:?}"
+        );
+    }
     gw.stop().await;
 
     // The Read service against the same server.

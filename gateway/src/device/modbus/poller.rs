@@ -91,6 +91,8 @@ impl ModbusDriver {
             next_connect: Instant::now(),
             outage_logged: false,
             stats: Default::default(),
+            notices: Default::default(),
+            identify_gave_up: false,
             cfg,
         };
         owner.run(ctx).await;
@@ -122,6 +124,10 @@ enum LinkError {
     Transport(io::Error),
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The reply's MBAP header carries another unit id than the request:
+    /// something other than the configured device answered.
+    #[error("a reply came from unit id {answered}, not from the configured unit ({detail})")]
+    ForeignUnit { answered: u8, detail: String },
 }
 
 impl LinkError {
@@ -130,7 +136,7 @@ impl LinkError {
         match self {
             LinkError::Timeout(_) => reason::TIMEOUT,
             LinkError::Transport(_) => reason::DISCONNECTED,
-            LinkError::Protocol(_) => reason::PROTOCOL_ERROR,
+            LinkError::Protocol(_) | LinkError::ForeignUnit { .. } => reason::PROTOCOL_ERROR,
         }
     }
 }
@@ -155,6 +161,10 @@ struct Owner {
     /// Whether the current outage has been logged at warn already.
     outage_logged: bool,
     stats: std::sync::Arc<crate::metrics::DeviceStats>,
+    notices: crate::device::Notices,
+    /// Set when the device let an identification request time out: it is
+    /// not asked again (the reply might still come and confuse a read).
+    identify_gave_up: bool,
 }
 
 impl Owner {
@@ -163,10 +173,11 @@ impl Owner {
             shutdown,
             out,
             mut writes,
-            notices: _,
+            notices,
             stats,
         } = ctx;
         self.stats = stats;
+        self.notices = notices;
         let mut writes_open = true;
         info!(device = %self.cfg.name, address = %self.cfg.address, "modbus driver starting");
 
@@ -178,6 +189,11 @@ impl Owner {
             res = connect(self.cfg.address.clone(), self.cfg.unit_id, self.cfg.request_timeout) => {
                 self.connected(res);
             }
+        }
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return,
+            () = self.identify() => {}
         }
 
         let mut connecting: Option<ConnectFuture> = None;
@@ -196,6 +212,11 @@ impl Owner {
                 }, if connecting.is_some() => {
                     connecting = None;
                     self.connected(res);
+                    tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => break,
+                        () = self.identify() => {}
+                    }
                 }
                 () = sleep_until(self.next_connect), if down && connecting.is_none() => {
                     connecting = Some(Box::pin(connect(
@@ -221,6 +242,12 @@ impl Owner {
                                     .is_some_and(|r| r.starts_with(reason::MODBUS_EXCEPTION_PREFIX))
                             });
                             self.stats.read(started.elapsed(), failure.is_none() && !exception);
+                            if exception {
+                                self.stats.exceptions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            if matches!(failure, Some(LinkError::Timeout(_))) {
+                                self.stats.timeouts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
                             match failure {
                                 None => self.backoff.reset(),
                                 Some(e) => self.lost(&e),
@@ -362,7 +389,7 @@ impl Owner {
                 return Err(self.write_failed(LinkError::Transport(e).into(), true))
             }
             Ok(Err(tokio_modbus::Error::Protocol(e))) => {
-                return Err(self.write_failed(LinkError::Protocol(e.to_string()).into(), true))
+                return Err(self.write_failed(protocol_error(e).into(), true))
             }
             Ok(Ok(Err(code))) => {
                 warn!(device = %self.cfg.name, tag = %tag.name, exception = %exception_reason(code), "modbus write answered with an exception");
@@ -436,7 +463,9 @@ impl Owner {
                 let code = match &e {
                     LinkError::Timeout(_) => write_code::TIMEOUT,
                     LinkError::Transport(_) => write_code::TRANSPORT_ERROR,
-                    LinkError::Protocol(_) => write_code::PROTOCOL_ERROR,
+                    LinkError::Protocol(_) | LinkError::ForeignUnit { .. } => {
+                        write_code::PROTOCOL_ERROR
+                    }
                 };
                 let reason = e.to_string();
                 self.lost(&e);
@@ -456,6 +485,42 @@ impl Owner {
         }
     }
 
+    /// Reads the device's identity (FC 43/14) on a fresh connection and
+    /// reports it for the inventory. An exception means "not supported"
+    /// and keeps the connection; no answer drops it (a late reply could
+    /// be taken for the next read's) and the device is not asked again.
+    async fn identify(&mut self) {
+        if !self.cfg.identify || self.identify_gave_up {
+            return;
+        }
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        let limit = self.cfg.request_timeout;
+        match read_identity(link, limit).await {
+            Ok(identity) => {
+                debug!(device = %self.cfg.name, objects = identity.fields.len(), "modbus device identity read");
+                self.notices.identity(&self.cfg.name, Ok(identity));
+            }
+            Err(IdentityError::Exception(code)) => {
+                debug!(device = %self.cfg.name, exception = %exception_reason(code), "modbus device does not support identification");
+                self.notices.identity(
+                    &self.cfg.name,
+                    Err(format!("not_supported ({})", exception_reason(code))),
+                );
+            }
+            Err(IdentityError::Link(e)) => {
+                if matches!(e, LinkError::Timeout(_)) {
+                    warn!(device = %self.cfg.name, "the device did not answer Read Device Identification; it is not asked again (set identify = false to skip it)");
+                    self.identify_gave_up = true;
+                    self.notices
+                        .identity(&self.cfg.name, Err("no_answer".to_owned()));
+                }
+                self.lost(&e);
+            }
+        }
+    }
+
     /// Takes the result of a connect attempt.
     fn connected(&mut self, res: Result<Context, ConnectError>) {
         match res {
@@ -465,6 +530,9 @@ impl Owner {
                 self.stats
                     .connected
                     .store(true, std::sync::atomic::Ordering::Relaxed);
+                self.stats
+                    .connects
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.outage_logged = false;
             }
             Err(e) => {
@@ -482,6 +550,18 @@ impl Owner {
 
     /// Drops the connection after a failure and schedules the reconnect.
     fn lost(&mut self, e: &LinkError) {
+        if let LinkError::ForeignUnit { answered, detail } = e {
+            if *answered != self.cfg.unit_id {
+                self.notices.foreign_reply(
+                    &self.cfg.name,
+                    format!("unit {answered}"),
+                    format!(
+                        "{} asked unit {} and unit {answered} answered ({detail})",
+                        self.cfg.address, self.cfg.unit_id
+                    ),
+                );
+            }
+        }
         self.link = None;
         self.stats
             .connected
@@ -640,6 +720,120 @@ async fn read_tag(
     Ok((value, reply))
 }
 
+/// Why no identity was read.
+enum IdentityError {
+    /// The device refused the request (it does not support it).
+    Exception(ExceptionCode),
+    Link(LinkError),
+}
+
+/// Most requests one identity read may take (the stream continues while
+/// the device says more follows).
+const IDENTITY_MAX_REQUESTS: usize = 8;
+
+/// Reads the regular identification objects (0x00-0x06), or the basic ones
+/// (0x00-0x02) when the device only has those, following `more_follows`.
+async fn read_identity(
+    link: &mut Context,
+    limit: Duration,
+) -> Result<twin_model::inventory::DeviceIdentity, IdentityError> {
+    use tokio_modbus::prelude::ReadCode;
+    let mut code = ReadCode::Regular;
+    let mut next: u8 = 0;
+    let mut identity = twin_model::inventory::DeviceIdentity::default();
+    for _ in 0..IDENTITY_MAX_REQUESTS {
+        let reply = match timeout(
+            limit,
+            link.call(Request::ReadDeviceIdentification(code, next)),
+        )
+        .await
+        {
+            Err(_) => return Err(IdentityError::Link(LinkError::Timeout(limit))),
+            Ok(Err(tokio_modbus::Error::Transport(e))) => {
+                return Err(IdentityError::Link(LinkError::Transport(e)))
+            }
+            Ok(Err(tokio_modbus::Error::Protocol(e))) => {
+                return Err(IdentityError::Link(protocol_error(e)))
+            }
+            // A device with basic identification only refuses the regular
+            // read code with "illegal data value".
+            Ok(Ok(Err(ExceptionCode::IllegalDataValue)))
+                if code == ReadCode::Regular && identity.fields.is_empty() =>
+            {
+                code = ReadCode::Basic;
+                next = 0;
+                continue;
+            }
+            Ok(Ok(Err(e))) => return Err(IdentityError::Exception(e)),
+            Ok(Ok(Ok(Response::ReadDeviceIdentification(reply)))) => reply,
+            Ok(Ok(Ok(other))) => {
+                return Err(IdentityError::Link(LinkError::Protocol(format!(
+                    "reply with function code {} to Read Device Identification",
+                    other.function_code().value()
+                ))))
+            }
+        };
+        for object in &reply.device_id_objects {
+            if let Some(name) = identity_field(object.id) {
+                identity
+                    .fields
+                    .insert(name.to_owned(), crate::device::printable(&object.value));
+            }
+        }
+        // A device that says "more" but names an object already read
+        // would loop: stop there.
+        if !reply.more_follows || reply.next_object_id <= next {
+            break;
+        }
+        next = reply.next_object_id;
+    }
+    Ok(identity)
+}
+
+/// The inventory name of a Modbus identification object (0x00-0x06);
+/// extended and private objects are not kept.
+fn identity_field(id: u8) -> Option<&'static str> {
+    use twin_model::inventory::field;
+    Some(match id {
+        0x00 => field::VENDOR_NAME,
+        0x01 => field::PRODUCT_CODE,
+        0x02 => field::REVISION,
+        0x03 => field::VENDOR_URL,
+        0x04 => field::PRODUCT_NAME,
+        0x05 => field::MODEL_NAME,
+        0x06 => field::USER_APPLICATION_NAME,
+        _ => return None,
+    })
+}
+
+/// A protocol error of tokio-modbus as a [`LinkError`]. A header mismatch
+/// whose reply carries another unit id becomes
+/// [`LinkError::ForeignUnit`]: tokio-modbus reports the two headers only
+/// in its message (`expected/request = Header { transaction_id: 1,
+/// unit_id: 1 }, actual/response = Header { .., unit_id: 7 }`), so the
+/// reply's unit id is taken from there.
+fn protocol_error(e: tokio_modbus::ProtocolError) -> LinkError {
+    let text = e.to_string();
+    if let tokio_modbus::ProtocolError::HeaderMismatch { message, .. } = &e {
+        let unit = |part: &str| -> Option<u8> {
+            let rest = part.split("unit_id: ").nth(1)?;
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        };
+        if let Some((request, response)) = message.split_once("actual/response") {
+            if let (Some(asked), Some(answered)) = (unit(request), unit(response)) {
+                if asked != answered {
+                    return LinkError::ForeignUnit {
+                        answered,
+                        detail: text,
+                    };
+                }
+            }
+        }
+    }
+    LinkError::Protocol(text)
+}
+
 /// Resolves `address` and opens the connection, all within `limit`.
 async fn connect(address: String, unit_id: u8, limit: Duration) -> Result<Context, ConnectError> {
     let attempt = async {
@@ -683,7 +877,7 @@ async fn read(link: &mut Context, req: &ReadRequest) -> Result<Reply, LinkError>
         Ok(Ok(response)) => response,
         Ok(Err(code)) => return Ok(Reply::Exception(code)),
         Err(tokio_modbus::Error::Transport(e)) => return Err(LinkError::Transport(e)),
-        Err(tokio_modbus::Error::Protocol(e)) => return Err(LinkError::Protocol(e.to_string())),
+        Err(tokio_modbus::Error::Protocol(e)) => return Err(protocol_error(e)),
     };
     let want = usize::from(count);
     match (req.area, response) {

@@ -317,6 +317,7 @@ fn config(addr: SocketAddr) -> ModbusDeviceConfig {
         max_bits_per_request: 2000,
         reconnect_min: Duration::from_millis(20),
         reconnect_max: Duration::from_millis(100),
+        identify: true,
         tags: tank_tags(),
     }
 }
