@@ -53,8 +53,14 @@ fi
 bin_args=()
 for b in "${bins[@]}"; do bin_args+=(--bin "$b"); done
 
+revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+if [ "$revision" != unknown ] && [ -n "$(git status --porcelain 2>/dev/null)" ]; then
+  revision="${revision}-dirty"
+fi
+
 echo "== static build (${bins[*]}) in target/static" >&2
-RUSTFLAGS="-C target-feature=+crt-static" \
+# The commit goes into the binary (inventory, `gateway sbom`).
+TWIN_BUILD_COMMIT="$revision" RUSTFLAGS="-C target-feature=+crt-static" \
   cargo build --release --target "$target" --target-dir target/static \
   "${packages[@]}" "${bin_args[@]}" >&2
 
@@ -69,10 +75,6 @@ for b in "${bins[@]}"; do
   strip --strip-all -o "$stage/$b" "target/static/$target/release/$b"
 done
 
-revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)
-if [ "$revision" != unknown ] && [ -n "$(git status --porcelain 2>/dev/null)" ]; then
-  revision="${revision}-dirty"
-fi
 source_url=$(sed -n 's/^repository = "\(.*\)"/\1/p' Cargo.toml | head -1)
 
 build() { # target tag

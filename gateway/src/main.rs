@@ -79,6 +79,9 @@ enum Command {
         #[arg(long)]
         max_age_s: Option<u64>,
     },
+    /// Print the software bill of materials (CycloneDX 1.5 JSON, made from
+    /// Cargo.lock at build time) and, on stderr, the build information.
+    Sbom,
 }
 
 #[derive(Subcommand)]
@@ -550,6 +553,22 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             println!(
                 "development PKI written to {} (private keys mode 0600; not for production)",
                 files.dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sbom => {
+            let doc: serde_json::Value = serde_json::from_str(gateway::sbom::SBOM_JSON)?;
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+            let b = gateway::sbom::build();
+            eprintln!(
+                "gateway {} (commit {}, {}, {} {}); SBOM sha256 {}, {} components",
+                b.version,
+                b.commit,
+                b.rustc,
+                b.target,
+                b.profile,
+                gateway::sbom::sbom_sha256(),
+                gateway::sbom::component_count()
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -374,3 +374,22 @@ fn the_security_self_check_reports_dev_material_in_production_as_json_and_fails(
     // The configuration itself refuses a key readable by others.
     assert!(!out.status.success(), "{}", text(&out));
 }
+
+#[test]
+fn sbom_prints_the_cyclonedx_document_the_inventory_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = gateway(&["sbom"], dir.path());
+    assert!(out.status.success(), "{}", text(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["bomFormat"], "CycloneDX");
+    assert_eq!(doc["metadata"]["component"]["name"], "gateway");
+    let names: Vec<&str> = doc["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert!(names.contains(&"rumqttc") && names.contains(&"twin-model"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&gateway::sbom::sbom_sha256()), "{err}");
+}

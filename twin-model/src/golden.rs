@@ -142,6 +142,139 @@ pub fn statuses() -> Vec<(Status, String)> {
         .collect()
 }
 
+/// The golden alert: a flagged setpoint (signed with the gateway key).
+pub fn alert() -> (crate::alert::Alert, String) {
+    let a = crate::alert::Alert {
+        v: 1,
+        gateway_id: "plant1-gw1".into(),
+        code: "sensor_out_of_range".into(),
+        severity: crate::alert::Severity::Medium,
+        subject: "tag:tank1.level_setpoint".into(),
+        message: "tank1.level_setpoint = 4.8 is outside 0.5 .. 4.5".into(),
+        evidence: [
+            ("max".to_string(), serde_json::json!(4.5)),
+            ("min".to_string(), serde_json::json!(0.5)),
+            ("value".to_string(), serde_json::json!(4.8)),
+        ]
+        .into_iter()
+        .collect(),
+        count: 1,
+        first_ms: 1_767_225_602_000,
+        last_ms: 1_767_225_602_000,
+    };
+    let jws = key().sign_compact(
+        crate::alert::ALERT_TYP,
+        &serde_json::to_vec(&a).expect("alert serializes"),
+    );
+    (a, jws)
+}
+
+/// The golden SBOM: a small CycloneDX document, published in two parts of
+/// at most 256 bytes.
+pub fn sbom() -> String {
+    concat!(
+        r#"{"bomFormat":"CycloneDX","specVersion":"1.5","version":1,"#,
+        r#""metadata":{"component":{"type":"application","name":"gateway","version":"0.1.0","purl":"pkg:cargo/gateway@0.1.0","bom-ref":"pkg:cargo/gateway@0.1.0"}},"#,
+        r#""components":[{"type":"library","name":"itoa","version":"1.0.15","purl":"pkg:cargo/itoa@1.0.15","bom-ref":"pkg:cargo/itoa@1.0.15"}],"#,
+        r#""dependencies":[{"ref":"pkg:cargo/gateway@0.1.0","dependsOn":["pkg:cargo/itoa@1.0.15"]},{"ref":"pkg:cargo/itoa@1.0.15","dependsOn":[]}]}"#
+    )
+    .to_owned()
+}
+
+/// The golden SBOM index and its two parts (signed with the gateway key).
+pub fn sbom_messages() -> (crate::inventory::SbomIndex, String, Vec<String>) {
+    let doc = sbom();
+    let hex = |b: &[u8]| -> String { b.iter().map(|x| format!("{x:02x}")).collect() };
+    let parts: Vec<&[u8]> = doc.as_bytes().chunks(256).collect();
+    let index = crate::inventory::SbomIndex {
+        v: 1,
+        gateway_id: "plant1-gw1".into(),
+        media_type: "application/vnd.cyclonedx+json".into(),
+        sha256: hex(&crate::jws::sha256(doc.as_bytes())),
+        bytes: doc.len(),
+        parts: parts.iter().map(|p| hex(&crate::jws::sha256(p))).collect(),
+    };
+    let jws = key().sign_compact(
+        crate::inventory::SBOM_TYP,
+        &serde_json::to_vec(&index).expect("index serializes"),
+    );
+    let part_jws = parts
+        .iter()
+        .map(|p| key().sign_compact(crate::inventory::SBOM_PART_TYP, p))
+        .collect();
+    (index, jws, part_jws)
+}
+
+/// The golden inventory: one Modbus device with its identity (signed with
+/// the gateway key).
+pub fn inventory() -> (crate::inventory::Inventory, String) {
+    use crate::inventory::*;
+    let (index, _, _) = sbom_messages();
+    let fields = [
+        (field::VENDOR_NAME, "Twin Gateway Project"),
+        (field::PRODUCT_CODE, "TANK-SIM"),
+        (field::REVISION, "0.1.0"),
+        (field::PRODUCT_NAME, "Tank simulator"),
+        (field::MODEL_NAME, "TANK-1"),
+    ];
+    let inv = Inventory {
+        v: 1,
+        gateway_id: "plant1-gw1".into(),
+        ts_ms: 1_767_225_603_000,
+        gateway: GatewayEntry {
+            version: "0.1.0".into(),
+            commit: "unknown".into(),
+            rustc: "rustc 1.95.0".into(),
+            target: "x86_64-unknown-linux-gnu".into(),
+            profile: "release".into(),
+            deployment_profile: "production".into(),
+            features: vec!["modbus_tcp".into(), "commands".into()],
+            config_sha256: "n4bQgYhMfWWaL-qgxVrQFaO_TxsrC4Is0V1sFbDwCgg".into(),
+            policy_sha256: Some("LCa0a2j_xo_5m0U8HTBBNBNCLXBkg7-g-YpeiGJm564".into()),
+            sbom_sha256: index.sha256,
+            sbom_components: 1,
+            certificates: vec![CertificateEntry {
+                role: "mqtt_client".into(),
+                file: "pki/gateway.crt.pem".into(),
+                subject: "CN=plant1-gw1".into(),
+                issuer: "CN=plant1 CA".into(),
+                sha256: "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae".into(),
+                not_before_ms: 1_767_225_600_000,
+                not_after_ms: 1_798_761_600_000,
+            }],
+            keys: vec![KeyEntry {
+                role: "telemetry_signing".into(),
+                kid: key().kid().to_owned(),
+                alg: "EdDSA".into(),
+            }],
+        },
+        devices: vec![DeviceEntry {
+            name: "plc1".into(),
+            protocol: "modbus_tcp".into(),
+            endpoint: "192.168.1.10:502".into(),
+            unit_id: Some(1),
+            security: None,
+            tags: vec!["tank1.level".into(), "tank1.mode".into()],
+            writable: vec!["tank1.mode".into()],
+            identity: Some(DeviceIdentity {
+                fields: fields
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            }),
+            identity_status: None,
+            identity_since_ms: Some(1_767_225_600_500),
+            identity_changed_ms: None,
+            last_seen_ms: Some(1_767_225_602_900),
+        }],
+    };
+    let jws = key().sign_compact(
+        crate::inventory::INVENTORY_TYP,
+        &serde_json::to_vec(&inv).expect("inventory serializes"),
+    );
+    (inv, jws)
+}
+
 /// Seed of the golden requesting operator's key (`alice@plant1`): bytes
 /// 0x20, 0x21, ..., 0x3f.
 pub fn operator_seed() -> [u8; 32] {
@@ -466,6 +599,15 @@ pub fn files() -> Vec<(&'static str, String)> {
         ("result-refused.payload.json", json_line(&r[1].0)),
         ("result-refused.jws", format!("{}\n", r[1].1)),
         ("audit.jsonl", audit),
+        ("alert.payload.json", json_line(&alert().0)),
+        ("alert.jws", format!("{}\n", alert().1)),
+        ("inventory.payload.json", json_line(&inventory().0)),
+        ("inventory.jws", format!("{}\n", inventory().1)),
+        ("sbom.cdx.json", format!("{}\n", sbom())),
+        ("sbom-index.payload.json", json_line(&sbom_messages().0)),
+        ("sbom-index.jws", format!("{}\n", sbom_messages().1)),
+        ("sbom-part-0.jws", format!("{}\n", sbom_messages().2[0])),
+        ("sbom-part-1.jws", format!("{}\n", sbom_messages().2[1])),
     ]
 }
 
@@ -480,6 +622,66 @@ mod tests {
 
     fn dir() -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/golden")
+    }
+
+    #[test]
+    fn golden_inventory_alert_and_sbom_verify_and_the_parts_make_the_document() {
+        let mut trust = TrustStore::new();
+        trust.add_pem(&stored("key.pub.pem")).unwrap();
+        let v = trust
+            .verify_compact(
+                stored("alert.jws").as_bytes(),
+                crate::alert::ALERT_TYP,
+                1 << 20,
+            )
+            .unwrap();
+        let a: crate::alert::Alert = serde_json::from_slice(&v.payload).unwrap();
+        assert_eq!(a.code, "sensor_out_of_range");
+        let v = trust
+            .verify_compact(
+                stored("inventory.jws").as_bytes(),
+                crate::inventory::INVENTORY_TYP,
+                1 << 20,
+            )
+            .unwrap();
+        let inv: crate::inventory::Inventory = serde_json::from_slice(&v.payload).unwrap();
+        let v = trust
+            .verify_compact(
+                stored("sbom-index.jws").as_bytes(),
+                crate::inventory::SBOM_TYP,
+                1 << 20,
+            )
+            .unwrap();
+        let index: crate::inventory::SbomIndex = serde_json::from_slice(&v.payload).unwrap();
+        assert_eq!(index.parts.len(), 2);
+        let mut doc = Vec::new();
+        for (i, hash) in index.parts.iter().enumerate() {
+            let part = trust
+                .verify_compact(
+                    stored(&format!("sbom-part-{i}.jws")).as_bytes(),
+                    crate::inventory::SBOM_PART_TYP,
+                    1 << 20,
+                )
+                .unwrap()
+                .payload;
+            let h: String = crate::jws::sha256(&part)
+                .iter()
+                .map(|x| format!("{x:02x}"))
+                .collect();
+            assert_eq!(&h, hash);
+            doc.extend_from_slice(&part);
+        }
+        assert_eq!(doc, stored("sbom.cdx.json").as_bytes());
+        assert_eq!(doc.len(), index.bytes);
+        assert_eq!(inv.gateway.sbom_sha256, index.sha256);
+        // Wrong typ: an inventory is not an alert.
+        assert!(trust
+            .verify_compact(
+                stored("inventory.jws").as_bytes(),
+                crate::alert::ALERT_TYP,
+                1 << 20
+            )
+            .is_err());
     }
 
     #[test]

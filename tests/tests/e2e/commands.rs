@@ -1716,3 +1716,69 @@ fn x509_der(path: &Path) -> anyhow::Result<Vec<u8>> {
         .next()
         .context("no certificate in the file")
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_client_with_the_gateways_identity_and_a_refused_certificate_raise_broker_alerts(
+) -> anyhow::Result<()> {
+    init();
+    let mut s = Setup::new("").await?;
+    let mut op = Operator::start(&s).await?;
+    let gw = s.start_gateway().await?;
+    op.wait_online(1).await?;
+    op.pump_for(Duration::from_secs(1)).await?;
+    assert!(op.alerts.is_empty(), "{:?}", op.alerts);
+
+    // A copy of the gateway's certificate in other hands: a client that
+    // connects with the gateway's client id, and again whenever it is
+    // thrown out. The broker hands the session back and forth.
+    let opts = s
+        .broker
+        .client_options(&s.pki, &s.cfg.mqtt.client_id, Identity::Gateway)?;
+    let intruder = tokio::spawn(async move {
+        loop {
+            let (_client, mut events) = AsyncClient::new(opts.clone(), 16);
+            while events.poll().await.is_ok() {}
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    let a = alert_within(&mut op, "broker_session_takeover", Duration::from_secs(60)).await;
+    intruder.abort();
+    let a = a?;
+    assert_eq!(a.subject, "gateway");
+    assert!(
+        a.evidence["short_sessions"]
+            .as_u64()
+            .is_some_and(|n| n >= 3),
+        "{a:?}"
+    );
+    gw.stop().await;
+    let audit = std::fs::read_to_string(&s.cfg.audit.file)?;
+    assert!(audit.contains("\"code\":\"broker_session_takeover\""));
+
+    // A client certificate the broker does not accept (another CA): the
+    // alert cannot reach the twin, but it is in the audit log.
+    let text = std::fs::read_to_string(&s.cfg.source)?
+        .replacen("pki/gateway.crt.pem", "pki/rogue-client.crt.pem", 1)
+        .replacen("pki/gateway.key.pem", "pki/rogue-client.key.pem", 1);
+    s.cfg = write_config(s.pki.root(), &text, 50)?;
+    let gw = s.start_gateway().await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let audit = std::fs::read_to_string(&s.cfg.audit.file)?;
+        if audit
+            .lines()
+            .filter(|l| l.contains("\"code\":\"broker_auth_failure\""))
+            .count()
+            >= 1
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("no broker_auth_failure alert in the audit log");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    gw.stop().await;
+    s.plc.stop().await;
+    Ok(())
+}
