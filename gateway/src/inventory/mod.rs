@@ -534,3 +534,230 @@ fn certificates(cfg: &Config) -> Vec<CertificateEntry> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{self, DevPkiOptions};
+    use tokio::sync::mpsc;
+    use twin_model::inventory::field;
+
+    const TOML: &str = r#"
+[gateway]
+id = "inv-gw"
+data_dir = "data"
+[signing]
+key_file = "pki/gateway-signing.key.pem"
+[mqtt]
+host = "localhost"
+[mqtt.tls]
+ca_file = "pki/ca.crt.pem"
+cert_file = "pki/gateway.crt.pem"
+key_file = "pki/gateway.key.pem"
+[[devices]]
+name = "plc1"
+protocol = "modbus-tcp"
+address = "10.0.0.5:502"
+unit_id = 3
+[[devices.tags]]
+name = "tank1.level"
+area = "holding_register"
+address = 0
+type = "u16"
+writable = true
+"#;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        cfg: Config,
+        key: Arc<SigningKey>,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let files = pki::create_dev_pki(&DevPkiOptions {
+            out_dir: root.join("pki"),
+            gateway_id: "inv-gw".into(),
+            broker_hosts: vec!["localhost".into()],
+            operator: "operator-1".into(),
+            valid_days: 30,
+        })
+        .unwrap();
+        std::fs::create_dir(root.join("data")).unwrap();
+        std::fs::write(root.join("gateway.toml"), TOML).unwrap();
+        let cfg = crate::config::load(&root.join("gateway.toml")).unwrap();
+        let key = Arc::new(crate::run::load_signing_key(&files.gateway_signing_key).unwrap());
+        Fixture {
+            _dir: dir,
+            cfg,
+            key,
+        }
+    }
+
+    fn inventory(f: &Fixture) -> (Inventory, mpsc::UnboundedReceiver<Finding>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stats = vec![("plc1".to_string(), Arc::new(DeviceStats::default()))];
+        let topics = Topics::new("twin", "inv-gw");
+        let inv = Inventory::new(&f.cfg, f.key.clone(), topics, Alerts::new(tx), stats);
+        (inv, rx)
+    }
+
+    fn ident(revision: &str) -> DeviceIdentity {
+        DeviceIdentity {
+            fields: [
+                (field::VENDOR_NAME, "ACME"),
+                (field::PRODUCT_CODE, "PLC-9"),
+                (field::REVISION, revision),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        }
+    }
+
+    fn codes(rx: &mut mpsc::UnboundedReceiver<Finding>) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        while let Ok(f) = rx.try_recv() {
+            v.push(f.code);
+        }
+        v
+    }
+
+    #[test]
+    fn the_same_identity_again_and_again_raises_nothing_a_new_one_raises_once_and_a_restart_remembers(
+    ) {
+        let f = fixture();
+        let (mut inv, mut rx) = inventory(&f);
+        for t in 0..10 {
+            inv.identity("plc1", Ok(ident("1.0")), 1000 + t);
+        }
+        assert!(
+            codes(&mut rx).is_empty(),
+            "reconnects with the same identity"
+        );
+        let doc = inv.document(2000);
+        let d = &doc.devices[0];
+        assert_eq!((d.unit_id, d.endpoint.as_str()), (Some(3), "10.0.0.5:502"));
+        assert_eq!(d.writable, vec!["tank1.level".to_string()]);
+        assert_eq!(d.identity, Some(ident("1.0")));
+        assert_eq!(d.identity_since_ms, Some(1000));
+
+        // New firmware while the gateway was stopped.
+        drop(inv);
+        let (mut inv, mut rx) = inventory(&f);
+        assert_eq!(inv.document(0).devices[0].identity, Some(ident("1.0")));
+        inv.identity("plc1", Ok(ident("2.0")), 5000);
+        let found: Vec<Finding> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].code, codes::DEVICE_IDENTITY_CHANGED);
+        assert_eq!(
+            found[0].evidence["changes"],
+            json!([{"field": "revision", "before": "1.0", "after": "2.0"}])
+        );
+        inv.identity("plc1", Ok(ident("2.0")), 6000);
+        assert!(
+            codes(&mut rx).is_empty(),
+            "the new identity is the recorded one"
+        );
+        assert_eq!(inv.document(0).devices[0].identity_changed_ms, Some(5000));
+
+        // A device that identified itself and now refuses to.
+        inv.identity("plc1", Err("not_supported (illegal function)".into()), 7000);
+        assert_eq!(codes(&mut rx), vec![codes::DEVICE_IDENTITY_CHANGED]);
+        // A timeout is not a refusal.
+        inv.identity("plc1", Err("no_answer".into()), 8000);
+        assert!(codes(&mut rx).is_empty());
+        assert_eq!(
+            inv.document(0).devices[0].identity_status.as_deref(),
+            Some("no_answer")
+        );
+    }
+
+    #[test]
+    fn an_unreadable_identity_file_is_set_aside_and_learning_starts_again() {
+        let f = fixture();
+        let path = f.cfg.gateway.data_dir.join(IDENTITIES_FILE);
+        std::fs::write(&path, b"{\"devices\": [garbage").unwrap();
+        let (mut inv, mut rx) = inventory(&f);
+        assert!(path.with_extension("json.unreadable").exists());
+        inv.identity("plc1", Ok(ident("1.0")), 1);
+        assert!(codes(&mut rx).is_empty());
+        assert!(path.exists(), "recorded again");
+    }
+
+    #[test]
+    fn the_signed_inventory_describes_the_gateway_and_is_published_on_change_and_hourly() {
+        let f = fixture();
+        let (mut inv, _rx) = inventory(&f);
+        let first = inv.due(10_000).expect("published at start");
+        assert!(first.retain);
+        assert_eq!(first.topic, "twin/inv-gw/inventory");
+        let mut trust = twin_model::TrustStore::new();
+        trust.add_pem(&f.key.public_key_pem()).unwrap();
+        let v = trust
+            .verify_compact(&first.payload, INVENTORY_TYP, 1 << 20)
+            .unwrap();
+        let doc: Document = serde_json::from_slice(&v.payload).unwrap();
+        let g = &doc.gateway;
+        assert_eq!(g.deployment_profile, "production");
+        assert_eq!(g.features, vec!["modbus_tcp".to_string()]);
+        assert_eq!(
+            g.config_sha256,
+            b64url(&sha256(&std::fs::read(&f.cfg.source).unwrap()))
+        );
+        let roles: Vec<&str> = g.certificates.iter().map(|c| c.role.as_str()).collect();
+        assert_eq!(roles, vec!["mqtt_client", "mqtt_ca"]);
+        assert!(g.certificates[0].subject.contains("inv-gw"));
+        assert_eq!(g.keys[0].kid, f.key.kid());
+        assert_eq!(
+            doc.devices[0].identity_status.as_deref(),
+            Some("not_read_yet")
+        );
+        // Nothing new: not again before an hour.
+        assert!(inv.due(20_000).is_none());
+        inv.identity("plc1", Ok(ident("1.0")), 20_000);
+        assert!(
+            inv.due(20_500).is_some(),
+            "a change goes out within a second"
+        );
+        assert!(inv.due(30_000).is_none());
+        assert!(inv.due(20_500 + REFRESH_MS).is_some(), "hourly");
+        inv.set_policy(Some("fp".into()));
+        assert!(inv.due(20_500 + REFRESH_MS + 1_000).is_some());
+    }
+
+    #[test]
+    fn the_sbom_goes_out_in_parts_that_fit_the_limit_and_make_the_document() {
+        let f = fixture();
+        let (inv, _rx) = inventory(&f);
+        let mut trust = twin_model::TrustStore::new();
+        trust.add_pem(&f.key.public_key_pem()).unwrap();
+        for limit in [16 * 1024, 131_072, 1 << 20] {
+            let msgs = inv.sbom(limit);
+            let (index_msg, parts) = msgs.split_last().unwrap();
+            assert_eq!(index_msg.topic, "twin/inv-gw/sbom");
+            let index: SbomIndex = serde_json::from_slice(
+                &trust
+                    .verify_compact(&index_msg.payload, SBOM_TYP, 1 << 20)
+                    .unwrap()
+                    .payload,
+            )
+            .unwrap();
+            assert_eq!(index.parts.len(), parts.len());
+            let mut doc = Vec::new();
+            for (i, m) in parts.iter().enumerate() {
+                assert!(m.payload.len() <= limit, "{} > {limit}", m.payload.len());
+                assert_eq!(m.topic, format!("twin/inv-gw/sbom/{i}"));
+                let part = trust
+                    .verify_compact(&m.payload, SBOM_PART_TYP, 1 << 20)
+                    .unwrap()
+                    .payload;
+                assert_eq!(hex(&sha256(&part)), index.parts[i]);
+                doc.extend_from_slice(&part);
+            }
+            assert_eq!(doc, crate::sbom::SBOM_JSON.as_bytes());
+            assert_eq!(index.sha256, crate::sbom::sbom_sha256());
+        }
+    }
+}

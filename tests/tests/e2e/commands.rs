@@ -1358,6 +1358,9 @@ async fn the_metrics_endpoint_counts_what_happened_and_health_follows_the_device
         "{body}"
     );
     assert_eq!(get(r#"twin_device_read_errors_total{device="plc1"}"#), 0.0);
+    assert_eq!(get(r#"twin_device_exceptions_total{device="plc1"}"#), 0.0);
+    assert_eq!(get(r#"twin_device_timeouts_total{device="plc1"}"#), 0.0);
+    assert_eq!(get(r#"twin_device_connects_total{device="plc1"}"#), 1.0);
     assert_eq!(get("twin_mqtt_connected"), 1.0);
     assert_eq!(get("twin_policy_in_force"), 1.0);
     let signed = get("twin_batches_signed_total");
@@ -1375,6 +1378,31 @@ async fn the_metrics_endpoint_counts_what_happened_and_health_follows_the_device
         status.contains("200") && body.starts_with("ready"),
         "{status} {body}"
     );
+    // Three polls answered with an exception: counted as such.
+    s.plc
+        .set_exception(Some(tokio_modbus::ExceptionCode::ServerDeviceBusy));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = http_get(addr, "/metrics").await?;
+        let m = samples(&body);
+        let exceptions = m
+            .get(r#"twin_device_exceptions_total{device="plc1"}"#)
+            .copied()
+            .unwrap_or_default();
+        if exceptions >= 3.0 {
+            let errors = m
+                .get(r#"twin_device_read_errors_total{device="plc1"}"#)
+                .copied()
+                .unwrap_or_default();
+            assert!(errors >= exceptions, "exceptions are errors too: {body}");
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("exceptions not counted: {body}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.plc.set_exception(None);
     s.plc.stop().await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

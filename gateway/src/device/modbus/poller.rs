@@ -910,3 +910,50 @@ async fn read(link: &mut Context, req: &ReadRequest) -> Result<Reply, LinkError>
         ))),
     }
 }
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+
+    fn mismatch(asked: u8, answered: u8, tid: (u16, u16)) -> tokio_modbus::ProtocolError {
+        tokio_modbus::ProtocolError::HeaderMismatch {
+            message: format!(
+                "expected/request = Header {{ transaction_id: {}, unit_id: {asked} }}, actual/response = Header {{ transaction_id: {}, unit_id: {answered} }}",
+                tid.0, tid.1
+            ),
+            result: Ok(Response::ReadHoldingRegisters(vec![0])),
+        }
+    }
+
+    #[test]
+    fn a_reply_from_another_unit_is_a_foreign_unit_and_a_stale_transaction_is_not() {
+        assert!(matches!(
+            protocol_error(mismatch(1, 7, (3, 3))),
+            LinkError::ForeignUnit { answered: 7, .. }
+        ));
+        assert!(matches!(
+            protocol_error(mismatch(1, 1, (3, 2))),
+            LinkError::Protocol(_)
+        ));
+        let other = tokio_modbus::ProtocolError::FunctionCodeMismatch {
+            request: tokio_modbus::FunctionCode::ReadHoldingRegisters,
+            result: Ok(Response::ReadCoils(vec![true])),
+        };
+        assert!(matches!(protocol_error(other), LinkError::Protocol(_)));
+    }
+
+    #[test]
+    fn identification_objects_map_to_inventory_fields_and_others_are_dropped() {
+        use twin_model::inventory::field;
+        assert_eq!(identity_field(0), Some(field::VENDOR_NAME));
+        assert_eq!(identity_field(2), Some(field::REVISION));
+        assert_eq!(identity_field(6), Some(field::USER_APPLICATION_NAME));
+        assert_eq!(identity_field(7), None);
+        assert_eq!(identity_field(0x80), None);
+        assert_eq!(
+            crate::device::printable(b"AC\x00ME\x1b[31m \xff"),
+            "ACME[31m \u{fffd}"
+        );
+        assert_eq!(crate::device::printable(&[b'x'; 400]).len(), 255);
+    }
+}
