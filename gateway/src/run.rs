@@ -275,7 +275,18 @@ pub async fn start(cfg: Config) -> anyhow::Result<GatewayHandle> {
         stats: uplink_stats.clone(),
         current,
         sensors: (!cfg.checks.is_empty()).then(|| {
+            // OPC UA subscriptions send changes only: their tags stay
+            // current while the session stands.
+            let liveness = cfg.devices.iter().zip(&device_stats).flat_map(|(d, (_, stats))| {
+                let by_change = matches!(d, DeviceConfig::OpcUa(o) if o.read == crate::config::OpcUaRead::Subscribe);
+                d.tag_names()
+                    .into_iter()
+                    .filter(move |_| by_change)
+                    .map(|t| (t.to_owned(), stats.clone()))
+                    .collect::<Vec<_>>()
+            });
             crate::watch::sensors::SensorWatch::new(&cfg.checks, alerts.clone(), clock::now_ms())
+                .with_liveness(liveness)
         }),
     };
     tasks.push((

@@ -562,6 +562,12 @@ impl OpcUaDriver {
         let mut nodes: Nodes = vec![None; cfg.tags.len()];
         let mut poll = tokio::time::interval(cfg.sampling_interval.max(Duration::from_millis(10)));
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        // A subscription sends only changes: while the session stands, an
+        // unchanged value is still current. `last_seen_ms` says so to the
+        // sensor checks (stale, flatline) at every publishing interval.
+        let mut alive =
+            tokio::time::interval(cfg.publishing_interval.max(Duration::from_millis(100)));
+        alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
                 biased;
@@ -637,6 +643,9 @@ impl OpcUaDriver {
                     if out.send(event).await.is_err() {
                         return Served::Stop;
                     }
+                }
+                _ = alive.tick(), if connected && subscribed => {
+                    stats.last_seen_ms.store(now_ms(), Ordering::Relaxed);
                 }
                 _ = poll.tick(), if connected && cfg.read == OpcUaRead::Poll => {
                     let started = tokio::time::Instant::now();

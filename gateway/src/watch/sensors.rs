@@ -14,6 +14,14 @@
 //!   `sensor_outlier`; outliers do not update the baseline;
 //! - stale (any value type): no good sample for `stale_s` -> `sensor_stale`
 //!   (once per episode), checked by [`SensorWatch::tick`].
+//!
+//! Tags read by an OPC UA subscription get a sample only when their value
+//! changes. For them ([`SensorWatch::with_liveness`]) a value whose last
+//! sample was good stays current while the device's session stands (the
+//! driver refreshes `DeviceStats::last_seen_ms` every publishing
+//! interval): it is not stale, and [`SensorWatch::tick`] raises
+//! `sensor_flatline` when it has not changed for `flatline_s` (no sample
+//! arrives to carry the flag).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -59,8 +67,12 @@ struct TagWatch {
     moved: bool,
     flat: bool,
     last_good_ms: Option<u64>,
+    /// Whether the latest sample was good or uncertain.
+    good_now: bool,
     stale: bool,
     baselines: Vec<Baseline>,
+    /// For tags that get samples only on change: the device's liveness.
+    alive: Option<std::sync::Arc<crate::metrics::DeviceStats>>,
 }
 
 /// The sensor checks of every tag that has a `check` table.
@@ -111,8 +123,10 @@ impl SensorWatch {
                         moved: false,
                         flat: false,
                         last_good_ms: Some(now_ms),
+                        good_now: false,
                         stale: false,
                         baselines: vec![Baseline::default(); n],
+                        alive: None,
                     },
                 )
             })
@@ -124,14 +138,30 @@ impl SensorWatch {
         self.tags.is_empty()
     }
 
+    /// Tags that get samples only when they change (OPC UA subscriptions),
+    /// with the counters of their device.
+    pub fn with_liveness(
+        mut self,
+        tags: impl IntoIterator<Item = (String, std::sync::Arc<crate::metrics::DeviceStats>)>,
+    ) -> Self {
+        for (tag, stats) in tags {
+            if let Some(w) = self.tags.get_mut(&tag) {
+                w.alive = Some(stats);
+            }
+        }
+        self
+    }
+
     /// Checks one sample, adding its flags.
     pub fn check(&mut self, s: &mut Sample) {
         let Some(w) = self.tags.get_mut(&s.tag) else {
             return;
         };
         if s.quality == Quality::Bad {
+            w.good_now = false;
             return;
         }
+        w.good_now = true;
         w.last_good_ms = Some(w.last_good_ms.map_or(s.ts_ms, |l| l.max(s.ts_ms)));
         if w.stale {
             w.stale = false;
@@ -243,9 +273,19 @@ impl SensorWatch {
         s.flags.extend(flags.into_iter().map(str::to_owned));
     }
 
-    /// Stale checks at `now_ms`.
+    /// Stale checks at `now_ms` (and flatline for tags with liveness).
     pub fn tick(&mut self, now_ms: u64) {
         for (tag, w) in &mut self.tags {
+            if let (true, Some(stats)) = (w.good_now, &w.alive) {
+                let alive = stats
+                    .last_seen_ms
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                if w.last_good_ms.is_some_and(|l| alive > l) {
+                    w.last_good_ms = Some(alive);
+                    w.stale = false;
+                }
+                Self::flat_while_alive(&self.alerts, tag, w, alive);
+            }
             let (Some(limit), Some(last)) = (w.checks.stale, w.last_good_ms) else {
                 continue;
             };
@@ -264,6 +304,37 @@ impl SensorWatch {
                     ]),
                 );
             }
+        }
+    }
+}
+
+impl SensorWatch {
+    /// A value that gets no new sample while its device is alive: flat
+    /// once `flatline_s` have passed since it last changed.
+    fn flat_while_alive(alerts: &Alerts, tag: &str, w: &mut TagWatch, alive_ms: u64) {
+        let (Some(limit), Some(since), Some((x, _))) =
+            (w.checks.flatline, w.unchanged_since, w.previous)
+        else {
+            return;
+        };
+        let for_ms = alive_ms.saturating_sub(since);
+        if w.moved && !w.flat && for_ms >= limit.as_millis() as u64 {
+            w.flat = true;
+            raise(
+                alerts,
+                "sensor_flatline",
+                tag,
+                format!(
+                    "{tag} has stayed at {x} for {} s although it moved before (no change reported by the subscription)",
+                    for_ms / 1000
+                ),
+                alive_ms,
+                evidence([
+                    ("value", json!(x)),
+                    ("unchanged_s", json!(for_ms / 1000)),
+                    ("flatline_s", json!(limit.as_secs())),
+                ]),
+            );
         }
     }
 }
@@ -323,6 +394,57 @@ mod tests {
                 per_hour: false,
             }),
         }
+    }
+
+    #[test]
+    fn a_subscription_value_that_does_not_change_is_current_while_the_session_stands_and_flat_after_flatline_s(
+    ) {
+        use crate::metrics::DeviceStats;
+        use std::sync::atomic::Ordering;
+        use std::sync::Arc;
+        let stats = Arc::new(DeviceStats::default());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let checks = BTreeMap::from([("t".to_string(), all_checks())]);
+        let mut w = SensorWatch::new(&checks, Alerts::new(tx), 0)
+            .with_liveness([("t".to_string(), stats.clone())]);
+        let codes = |rx: &mut mpsc::UnboundedReceiver<Finding>| {
+            std::iter::from_fn(|| rx.try_recv().ok())
+                .map(|f| f.code)
+                .collect::<Vec<_>>()
+        };
+        // Changes for a while, then none: the session keeps standing.
+        let mut t = 1_000_000;
+        for x in [2.5, 2.6, 2.7] {
+            w.check(&mut Sample::good("t", Value::Float(x), t));
+            t += 1000;
+        }
+        for _ in 0..8 {
+            stats.last_seen_ms.store(t, Ordering::Relaxed);
+            w.tick(t);
+            t += 1000;
+        }
+        assert!(codes(&mut rx).is_empty(), "not stale: the session stands");
+        for _ in 0..4 {
+            stats.last_seen_ms.store(t, Ordering::Relaxed);
+            w.tick(t);
+            t += 1000;
+        }
+        assert_eq!(codes(&mut rx), vec!["sensor_flatline"], "once, after 10 s");
+        // The session is gone (no liveness): stale after stale_s.
+        for _ in 0..6 {
+            w.tick(t);
+            t += 1000;
+        }
+        assert_eq!(codes(&mut rx), vec!["sensor_stale"]);
+        // A bad sample: liveness no longer makes it current.
+        w.check(&mut Sample::good("t", Value::Float(2.8), t));
+        w.check(&mut Sample::bad("t", "disconnected", t + 1));
+        for _ in 0..6 {
+            t += 1000;
+            stats.last_seen_ms.store(t, Ordering::Relaxed);
+            w.tick(t);
+        }
+        assert_eq!(codes(&mut rx), vec!["sensor_stale"]);
     }
 
     #[test]
