@@ -77,6 +77,10 @@ pub fn root_store(ca_file: &Path) -> Result<RootCertStore, TlsSetupError> {
 }
 
 /// The rustls client configuration for the MQTT connection.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "the one place where the gateway's TLS client settings are made"
+)]
 pub fn client_config(tls: &TlsConfig) -> Result<Arc<ClientConfig>, TlsSetupError> {
     let roots = Arc::new(root_store(&tls.ca_file)?);
     let chain = read_certs(&tls.cert_file)?;

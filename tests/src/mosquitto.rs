@@ -269,6 +269,10 @@ pub enum Identity {
 }
 
 /// A rustls client configuration trusting `ca` and presenting `client` if given.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "the test kit's own clients of the test broker (operator, twin, intruder), not the gateway's"
+)]
 pub fn tls_client_config(
     ca: &Path,
     client: Option<&CertPair>,
