@@ -390,10 +390,7 @@ fn show(path: &Path) -> String {
 
 /// An instant (ms since the epoch) as RFC 3339.
 fn date_ms(ms: i128) -> String {
-    i64::try_from(ms)
-        .ok()
-        .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
-        .map_or_else(|| format!("{ms} ms since 1970"), |t| t.to_string())
+    crate::clock::rfc3339_ms(ms)
 }
 
 /// The kinds of certificate the configuration names.

@@ -7,8 +7,11 @@
 //! - [`client`]: the operator's mutual-TLS MQTT connection.
 //! - [`operator`]: operator keys, command and approval tokens, sending a
 //!   command and verifying its result, following results and the audit log.
+//! - [`inventory`]: a gateway's asset inventory and SBOM, verified and
+//!   reassembled.
 
 pub mod client;
+pub mod inventory;
 pub mod operator;
 pub mod render;
 pub mod watch;

@@ -57,6 +57,25 @@ impl Connection {
     }
 }
 
+/// One gateway's signed messages: where, which gateway, trusting which key.
+#[derive(clap::Args)]
+struct Feed {
+    #[command(flatten)]
+    conn: Connection,
+    #[arg(long)]
+    gateway: String,
+    /// Public key (PEM) of the gateway's signing key; repeat for several.
+    #[arg(long = "trust", required = true)]
+    trust: Vec<PathBuf>,
+}
+
+impl Feed {
+    /// The connection options and the trust store.
+    fn open(&self) -> anyhow::Result<(twinctl::client::ClientOptions, TrustStore)> {
+        Ok((self.conn.options()?, load_trust(&self.trust)?))
+    }
+}
+
 #[derive(Subcommand)]
 enum Action {
     /// Verify every message and show the live twin.
@@ -91,6 +110,21 @@ enum Action {
     /// The gateway's audit log as it publishes it.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Fetch a gateway's signed asset inventory and SBOM (retained), verify
+    /// them and print the inventory; exit 1 if anything does not verify.
+    Inventory {
+        #[command(flatten)]
+        feed: Feed,
+        /// Print the inventory as JSON instead.
+        #[arg(long)]
+        json: bool,
+        /// Write the verified SBOM (CycloneDX JSON) to this file.
+        #[arg(long)]
+        sbom: Option<PathBuf>,
+        /// Give up waiting for the retained messages after this many seconds.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -207,12 +241,7 @@ enum CommandCmd {
     /// Follow the gateway's command results, verifying each.
     Results {
         #[command(flatten)]
-        conn: Connection,
-        #[arg(long)]
-        gateway: String,
-        /// Public key (PEM) of the gateway's signing key; repeat for several.
-        #[arg(long = "trust", required = true)]
-        trust: Vec<PathBuf>,
+        feed: Feed,
         /// One JSON document per line.
         #[arg(long)]
         json: bool,
@@ -228,12 +257,7 @@ enum AuditCmd {
     /// the signed checkpoints as they arrive.
     Follow {
         #[command(flatten)]
-        conn: Connection,
-        #[arg(long)]
-        gateway: String,
-        /// Public key (PEM) of the gateway's signing key; repeat for several.
-        #[arg(long = "trust", required = true)]
-        trust: Vec<PathBuf>,
+        feed: Feed,
         /// Stop after this many seconds (exit code 1 if the chain broke).
         #[arg(long)]
         seconds: Option<u64>,
@@ -321,6 +345,44 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Action::Inventory {
+            feed,
+            json,
+            sbom,
+            seconds,
+        } => {
+            let (opts, trust) = feed.open()?;
+            let Feed { conn, gateway, .. } = feed;
+            let rt = tokio::runtime::Runtime::new()?;
+            let fetched = rt.block_on(twinctl::inventory::fetch(
+                &opts,
+                &conn.prefix,
+                &gateway,
+                trust,
+                Duration::from_secs(seconds),
+            ))?;
+            match fetched {
+                Ok(v) => {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&v.inventory)?);
+                    } else {
+                        print!("{}", twinctl::inventory::describe(&v));
+                    }
+                    if let Some(path) = sbom {
+                        std::fs::write(&path, &v.sbom)
+                            .with_context(|| format!("{}", path.display()))?;
+                        eprintln!("SBOM written to {}", path.display());
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(problems) => {
+                    for p in problems {
+                        eprintln!("REJECTED: {p}");
+                    }
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
         Action::Verify { trust, files } => {
             let mut w = Watcher::new("twin", load_trust(&trust)?);
             let mut bad = 0;
@@ -505,14 +567,12 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Action::Command(CommandCmd::Results {
-            conn,
-            gateway,
-            trust,
+            feed,
             json,
             seconds,
         }) => {
-            let trust = load_trust(&trust)?;
-            let opts = conn.options()?;
+            let (opts, trust) = feed.open()?;
+            let Feed { conn, gateway, .. } = feed;
             let rt = tokio::runtime::Runtime::new()?;
             let mut rejected = 0u64;
             rt.block_on(operator::follow_results(
@@ -543,14 +603,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Action::Audit(AuditCmd::Follow {
-            conn,
-            gateway,
-            trust,
-            seconds,
-        }) => {
-            let trust = load_trust(&trust)?;
-            let opts = conn.options()?;
+        Action::Audit(AuditCmd::Follow { feed, seconds }) => {
+            let (opts, trust) = feed.open()?;
+            let Feed { conn, gateway, .. } = feed;
             let rt = tokio::runtime::Runtime::new()?;
             let tty = std::io::stdout().is_terminal();
             let stats = rt.block_on(operator::follow_audit(

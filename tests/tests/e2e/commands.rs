@@ -1648,6 +1648,28 @@ async fn the_inventory_holds_the_real_identities_and_a_swapped_device_a_foreign_
     assert!(doc["components"]
         .as_array()
         .is_some_and(|c| c.len() == g.sbom_components && c.iter().any(|c| c["name"] == "tokio")));
+    // The platform team's view: `twinctl inventory` fetches the retained
+    // messages, verifies them and reassembles the same SBOM.
+    let opts = twinctl::client::ClientOptions {
+        host: "127.0.0.1".into(),
+        port: s.broker.port(),
+        ca_file: s.pki.ca_cert.clone(),
+        cert_file: s.pki.operator_client.cert.clone(),
+        key_file: s.pki.operator_client.key.clone(),
+        client_id: "platform-team".into(),
+    };
+    let fetched =
+        twinctl::inventory::fetch(&opts, "twin", GW, op.trust.clone(), Duration::from_secs(10))
+            .await?
+            .map_err(|p| anyhow::anyhow!("twinctl inventory: {p:?}"))?;
+    assert_eq!(fetched.sbom, sbom);
+    assert_eq!(fetched.inventory.gateway, inv.gateway);
+    let text = twinctl::inventory::describe(&fetched);
+    assert!(
+        text.contains(&real.vendor) && text.contains("certificate mqtt_client"),
+        "{text}"
+    );
+
     // A clean run raises no alert.
     op.pump_for(Duration::from_secs(2)).await?;
     assert!(op.alerts.is_empty(), "{:?}", op.alerts);
