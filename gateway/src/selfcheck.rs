@@ -23,7 +23,7 @@
 //! | `tls12_allowed` | low | `[mqtt.tls] min_version = "1.2"` |
 //! | `commands_without_policy` | high | `[commands]` is configured but its policy is missing or invalid |
 //! | `policy_audit_mode` | medium | the command policy is in audit mode |
-//! | `no_operator_keys` | medium | no operator key (`*.pem`) can be loaded |
+//! | `no_operator_keys` | high | no operator key (`*.pem`) can be loaded |
 //! | `audit_log_not_writable` | high | the audit log file or its folder cannot be written |
 //! | `clock_not_plausible` | critical | the clock reads before 2024-01-01 or after 2100-01-01 |
 //! | `metrics_not_loopback` | medium | `[metrics] listen` is not a loopback address |
@@ -146,7 +146,7 @@ pub const CODES: &[(&str, Severity)] = &[
     (codes::TLS12_ALLOWED, Severity::Low),
     (codes::COMMANDS_WITHOUT_POLICY, Severity::High),
     (codes::POLICY_AUDIT_MODE, Severity::Medium),
-    (codes::NO_OPERATOR_KEYS, Severity::Medium),
+    (codes::NO_OPERATOR_KEYS, Severity::High),
     (codes::AUDIT_LOG_NOT_WRITABLE, Severity::High),
     (codes::CLOCK_NOT_PLAUSIBLE, Severity::Critical),
     (codes::METRICS_NOT_LOOPBACK, Severity::Medium),
@@ -806,7 +806,7 @@ impl Checker<'_> {
         if let Some(problem) = problem {
             self.add(
                 codes::NO_OPERATOR_KEYS,
-                Severity::Medium,
+                Severity::High,
                 keys.clone(),
                 format!("{problem}: every command is refused"),
                 format!("put the operators' public keys (one *.pem each, Ed25519 or P-256) in {keys} and restart the gateway"),
@@ -1473,12 +1473,12 @@ type = "double"
         let keys = BTreeSet::from([show(&f.path("operators"))]);
         let key = f.path("operators/operator-1.pem");
         fs::rename(&key, f.path("operators/operator-1.pem.off")).unwrap();
-        assert_eq!(f.found(codes::NO_OPERATOR_KEYS, Severity::Medium), keys);
+        assert_eq!(f.found(codes::NO_OPERATOR_KEYS, Severity::High), keys);
         fs::write(&key, "not a key").unwrap();
-        assert_eq!(f.found(codes::NO_OPERATOR_KEYS, Severity::Medium), keys);
+        assert_eq!(f.found(codes::NO_OPERATOR_KEYS, Severity::High), keys);
         fs::rename(f.path("operators/operator-1.pem.off"), &key).unwrap();
         assert!(f
-            .found(codes::NO_OPERATOR_KEYS, Severity::Medium)
+            .found(codes::NO_OPERATOR_KEYS, Severity::High)
             .is_empty());
         assert_eq!(f.run().max_severity(), Some(Severity::Info));
 
