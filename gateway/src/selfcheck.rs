@@ -1477,9 +1477,7 @@ type = "double"
         fs::write(&key, "not a key").unwrap();
         assert_eq!(f.found(codes::NO_OPERATOR_KEYS, Severity::High), keys);
         fs::rename(f.path("operators/operator-1.pem.off"), &key).unwrap();
-        assert!(f
-            .found(codes::NO_OPERATOR_KEYS, Severity::High)
-            .is_empty());
+        assert!(f.found(codes::NO_OPERATOR_KEYS, Severity::High).is_empty());
         assert_eq!(f.run().max_severity(), Some(Severity::Info));
 
         // Without [commands], neither is looked at.

@@ -24,6 +24,7 @@ const KEYS: &[&str] = &[
     "baseline_sigma",
     "baseline_warmup",
     "baseline_per_hour",
+    "baseline_relearn_s",
 ];
 
 impl Loader<'_> {
@@ -49,6 +50,9 @@ impl Loader<'_> {
             .r
             .integer::<u64>(&c, "baseline_warmup", 10..=10_000_000);
         let per_hour = self.r.boolean(&c, "baseline_per_hour");
+        let relearn_s = self
+            .r
+            .integer::<u64>(&c, "baseline_relearn_s", 60..=31_536_000);
         if let (Some(lo), Some(hi)) = (min.get(), max.get()) {
             if lo >= hi {
                 if let Some(span) = max.span() {
@@ -63,7 +67,7 @@ impl Loader<'_> {
         }
         let baseline = match sigma {
             Field::Absent => {
-                if warmup.get().is_some() || per_hour.get().is_some() {
+                if warmup.get().is_some() || per_hour.get().is_some() || relearn_s.get().is_some() {
                     self.r.error_help(
                         &c.span,
                         format!("{} sets baseline options without baseline_sigma", c.name),
@@ -79,6 +83,7 @@ impl Loader<'_> {
                     sigma: *s.get_ref(),
                     warmup: warmup.or(300)?,
                     per_hour: per_hour.or(false)?,
+                    relearn: relearn_s.optional()?.map(Duration::from_secs),
                 }))
             })(),
         };

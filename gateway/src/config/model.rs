@@ -54,6 +54,10 @@ pub struct BaselineCheck {
     pub warmup: u64,
     /// One baseline per hour of the day (24 baselines) instead of one.
     pub per_hour: bool,
+    /// When every value has been an outlier for this long, the baseline is
+    /// learned again from the new values (`sensor_baseline_relearned`).
+    /// `None`: never (an outlier never teaches the baseline).
+    pub relearn: Option<Duration>,
 }
 
 /// The command-flow baselines (`[watch]`, optional; see `watch::flows`).

@@ -73,6 +73,8 @@ struct TagWatch {
     baselines: Vec<Baseline>,
     /// For tags that get samples only on change: the device's liveness.
     alive: Option<std::sync::Arc<crate::metrics::DeviceStats>>,
+    /// Since when every value has been an outlier.
+    outlier_since: Option<u64>,
 }
 
 /// The sensor checks of every tag that has a `check` table.
@@ -92,10 +94,10 @@ fn raise(
 ) {
     alerts.raise(Finding {
         code,
-        severity: if code == "sensor_stale" {
-            Severity::High
-        } else {
-            Severity::Medium
+        severity: match code {
+            "sensor_stale" => Severity::High,
+            "sensor_baseline_relearned" => Severity::Low,
+            _ => Severity::Medium,
         },
         subject: format!("tag:{tag}"),
         message,
@@ -127,6 +129,7 @@ impl SensorWatch {
                         stale: false,
                         baselines: vec![Baseline::default(); n],
                         alive: None,
+                        outlier_since: None,
                     },
                 )
             })
@@ -248,7 +251,39 @@ impl SensorWatch {
                 0
             };
             if let Some(base) = w.baselines.get_mut(i) {
-                let outlier = base.n >= b.warmup && (x - base.mean).abs() > b.sigma * base.std();
+                let mut outlier =
+                    base.n >= b.warmup && (x - base.mean).abs() > b.sigma * base.std();
+                if !outlier {
+                    w.outlier_since = None;
+                } else {
+                    let since = *w.outlier_since.get_or_insert(at);
+                    if let Some(relearn) = b.relearn {
+                        let for_ms = at.saturating_sub(since);
+                        if for_ms >= relearn.as_millis() as u64 {
+                            // A lasting new operating point: learn it.
+                            raise(
+                                &self.alerts,
+                                "sensor_baseline_relearned",
+                                &s.tag,
+                                format!(
+                                    "{} has been far from its baseline for {} s; the baseline is learned again from the new values",
+                                    s.tag,
+                                    for_ms / 1000
+                                ),
+                                at,
+                                evidence([
+                                    ("value", json!(x)),
+                                    ("old_mean", json!(base.mean)),
+                                    ("old_std", json!(base.std())),
+                                    ("outlier_s", json!(for_ms / 1000)),
+                                ]),
+                            );
+                            *base = Baseline::default();
+                            w.outlier_since = None;
+                            outlier = false;
+                        }
+                    }
+                }
                 if outlier {
                     flags.push(flag::OUTLIER);
                     raise(
@@ -392,6 +427,7 @@ mod tests {
                 sigma: 8.0,
                 warmup: 100,
                 per_hour: false,
+                relearn: None,
             }),
         }
     }
@@ -445,6 +481,59 @@ mod tests {
             w.tick(t);
         }
         assert_eq!(codes(&mut rx), vec!["sensor_stale"]);
+    }
+
+    #[test]
+    fn a_lasting_new_operating_point_is_relearned_only_when_configured() {
+        let baseline_only = |relearn: Option<Duration>| TagChecks {
+            baseline: Some(BaselineCheck {
+                sigma: 8.0,
+                warmup: 100,
+                per_hour: false,
+                relearn,
+            }),
+            ..TagChecks::default()
+        };
+        // 500 samples around 2.5, then the plant runs at 7.5 (600 samples =
+        // 60 s at 100 ms).
+        let mut trace = level(500);
+        trace.extend(level(600).iter().map(|x| x + 5.0));
+        let (mut w, mut rx) = watch(baseline_only(None));
+        let (flags, codes) = replay(&mut w, &mut rx, &trace);
+        assert!(flags[500..]
+            .iter()
+            .all(|f| f == &vec!["outlier".to_string()]));
+        assert!(
+            !codes.contains(&"sensor_baseline_relearned"),
+            "never without relearn"
+        );
+
+        let (mut w, mut rx) = watch(baseline_only(Some(Duration::from_secs(20))));
+        let (flags, codes) = replay(&mut w, &mut rx, &trace);
+        // Flagged for 20 s, then learned again: the rest is the new normal.
+        assert!(flags[500..700]
+            .iter()
+            .all(|f| f == &vec!["outlier".to_string()]));
+        assert!(
+            flags[701..].iter().all(Vec::is_empty),
+            "{:?}",
+            &flags[700..710]
+        );
+        assert_eq!(
+            codes
+                .iter()
+                .filter(|c| **c == "sensor_baseline_relearned")
+                .count(),
+            1
+        );
+        // A short excursion is not relearned.
+        let mut trace = level(500);
+        for x in &mut trace[300..350] {
+            *x += 5.0;
+        }
+        let (mut w, mut rx) = watch(baseline_only(Some(Duration::from_secs(20))));
+        let (_, codes) = replay(&mut w, &mut rx, &trace);
+        assert!(!codes.contains(&"sensor_baseline_relearned"));
     }
 
     #[test]
