@@ -59,7 +59,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             gateway_id: GATEWAY_ID.into(),
             broker_hosts: vec!["localhost".into(), "127.0.0.1".into()],
             operator: "twin-operator".into(),
-            valid_days: 30,
+            valid_days: 365,
         })?;
         eprintln!("created a development PKI in {}", pki.dir.display());
     }
@@ -144,7 +144,7 @@ async fn start_opcua(
         let (der, key) = gateway::pki::opcua_application_cert(
             &gateway::pki::opcua_application_uri(GATEWAY_ID),
             &["localhost".to_string()],
-            gateway::pki::Validity::days(30),
+            gateway::pki::Validity::days(365),
         )?;
         std::fs::write(&pki.opcua_cert, der)?;
         gateway::keyfile::write_private(&pki.opcua_key, &key)?;
