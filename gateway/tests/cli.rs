@@ -13,6 +13,23 @@ fn gateway(args: &[&str], dir: &Path) -> Output {
         .expect("the gateway binary runs")
 }
 
+/// A temporary folder with a development PKI (`gateway pki dev`) in `pki/`.
+fn dev_pki_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let out = gateway(
+        &["pki", "dev", "--gateway-id", "plant1-gw1", "--out", "pki"],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    dir
+}
+
+/// The example configuration OT engineers start from.
+fn example() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.example.toml"))
+        .unwrap()
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -23,12 +40,7 @@ fn text(o: &Output) -> String {
 
 #[test]
 fn dev_pki_then_check_of_the_example_config_succeeds() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = gateway(
-        &["pki", "dev", "--gateway-id", "plant1-gw1", "--out", "pki"],
-        dir.path(),
-    );
-    assert!(out.status.success(), "{}", text(&out));
+    let dir = dev_pki_dir();
     for key in [
         "gateway.key.pem",
         "gateway-signing.key.pem",
@@ -43,11 +55,7 @@ fn dev_pki_then_check_of_the_example_config_succeeds() {
             & 0o777;
         assert_eq!(mode, 0o600, "{key}");
     }
-    std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.example.toml"),
-        dir.path().join("gateway.toml"),
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("gateway.toml"), example()).unwrap();
     let out = gateway(&["check", "-c", "gateway.toml", "--dev"], dir.path());
     assert!(out.status.success(), "{}", text(&out));
     assert!(
@@ -95,15 +103,8 @@ fn dev_pki_then_check_of_the_example_config_succeeds() {
 
 #[test]
 fn check_reports_every_error_with_its_line_and_fails() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = gateway(
-        &["pki", "dev", "--gateway-id", "plant1-gw1", "--out", "pki"],
-        dir.path(),
-    );
-    assert!(out.status.success(), "{}", text(&out));
-    let example =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.example.toml"))
-            .unwrap();
+    let dir = dev_pki_dir();
+    let example = example();
     // Two mistakes: a misspelt option and a duplicated tag name.
     let broken = example
         .replacen("poll_interval_ms =", "pol_interval_ms =", 1)
@@ -147,17 +148,8 @@ fn check_reports_every_error_with_its_line_and_fails() {
 
 #[test]
 fn the_shipped_policy_checks_its_cases_pass_and_a_dry_run_explains_the_decision() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = gateway(
-        &["pki", "dev", "--gateway-id", "plant1-gw1", "--out", "pki"],
-        dir.path(),
-    );
-    assert!(out.status.success(), "{}", text(&out));
-    std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.example.toml"),
-        dir.path().join("gateway.toml"),
-    )
-    .unwrap();
+    let dir = dev_pki_dir();
+    std::fs::write(dir.path().join("gateway.toml"), example()).unwrap();
     let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
     let policies = policies.to_str().unwrap();
 
@@ -230,12 +222,7 @@ fn the_shipped_policy_checks_its_cases_pass_and_a_dry_run_explains_the_decision(
 fn audit_verify_accepts_an_intact_log_and_names_the_first_altered_record() {
     use std::sync::Arc;
     use twin_model::audit::{ConfigChanged, Event};
-    let dir = tempfile::tempdir().unwrap();
-    let out = gateway(
-        &["pki", "dev", "--gateway-id", "plant1-gw1", "--out", "pki"],
-        dir.path(),
-    );
-    assert!(out.status.success(), "{}", text(&out));
+    let dir = dev_pki_dir();
     let pem = std::fs::read_to_string(dir.path().join("pki/gateway-signing.key.pem")).unwrap();
     let key = Arc::new(twin_model::SigningKey::from_pkcs8_pem(&pem).unwrap());
     let log_path = dir.path().join("audit.jsonl");
@@ -288,16 +275,9 @@ fn audit_verify_accepts_an_intact_log_and_names_the_first_altered_record() {
 
 #[test]
 fn check_reports_the_command_side_and_fails_without_operator_keys() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = gateway(
-        &["pki", "dev", "--gateway-id", "plant1-gw1", "--out", "pki"],
-        dir.path(),
-    );
-    assert!(out.status.success(), "{}", text(&out));
+    let dir = dev_pki_dir();
     let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
-    let example =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.example.toml"))
-            .unwrap();
+    let example = example();
     std::fs::write(
         dir.path().join("gateway.toml"),
         format!(
@@ -326,17 +306,8 @@ fn check_reports_the_command_side_and_fails_without_operator_keys() {
 
 #[test]
 fn the_security_self_check_reports_dev_material_in_production_as_json_and_fails() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = gateway(
-        &["pki", "dev", "--gateway-id", "plant1-gw1", "--out", "pki"],
-        dir.path(),
-    );
-    assert!(out.status.success(), "{}", text(&out));
-    std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.example.toml"),
-        dir.path().join("gateway.toml"),
-    )
-    .unwrap();
+    let dir = dev_pki_dir();
+    std::fs::write(dir.path().join("gateway.toml"), example()).unwrap();
     let out = gateway(&["check", "-c", "gateway.toml", "--json"], dir.path());
     assert!(
         !out.status.success(),

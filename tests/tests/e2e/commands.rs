@@ -263,40 +263,32 @@ impl Operator {
             Err(_) => return Ok(false),
         };
         let (topic, payload) = msg;
+        // The payload of a signed message of type `typ`, verified.
+        let trust = &self.trust;
+        let verified = |typ: &str| -> anyhow::Result<Vec<u8>> {
+            trust
+                .verify_compact(&payload, typ, 1 << 20)
+                .map(|v| v.payload)
+                .map_err(|e| anyhow::anyhow!("a message on {topic} does not verify: {e}"))
+        };
+        use twin_model::inventory::{INVENTORY_TYP, SBOM_PART_TYP, SBOM_TYP};
+        let sbom_part = topic
+            .rsplit_once("/sbom/")
+            .and_then(|(_, i)| i.parse::<usize>().ok());
         if topic.ends_with("/result") {
-            let v = self
-                .trust
-                .verify_compact(&payload, RESULT_TYP, 1 << 20)
-                .map_err(|e| anyhow::anyhow!("a result does not verify: {e}"))?;
-            let r: CommandResult = serde_json::from_slice(&v.payload)?;
+            let r: CommandResult = serde_json::from_slice(&verified(RESULT_TYP)?)?;
             self.results.insert(r.message_sha256.clone(), r);
         } else if topic.ends_with("/alerts") {
-            let v = self
-                .trust
-                .verify_compact(&payload, twin_model::alert::ALERT_TYP, 1 << 20)
-                .map_err(|e| anyhow::anyhow!("an alert does not verify: {e}"))?;
-            self.alerts.push(serde_json::from_slice(&v.payload)?);
+            let alert = verified(twin_model::alert::ALERT_TYP)?;
+            self.alerts.push(serde_json::from_slice(&alert)?);
         } else if topic.ends_with("/inventory") {
-            let v = self
-                .trust
-                .verify_compact(&payload, twin_model::inventory::INVENTORY_TYP, 1 << 20)
-                .map_err(|e| anyhow::anyhow!("an inventory does not verify: {e}"))?;
-            self.inventories.push(serde_json::from_slice(&v.payload)?);
+            let inventory = verified(INVENTORY_TYP)?;
+            self.inventories.push(serde_json::from_slice(&inventory)?);
         } else if topic.ends_with("/sbom") {
-            let v = self
-                .trust
-                .verify_compact(&payload, twin_model::inventory::SBOM_TYP, 1 << 20)
-                .map_err(|e| anyhow::anyhow!("the SBOM index does not verify: {e}"))?;
-            self.sbom_index = Some(serde_json::from_slice(&v.payload)?);
-        } else if let Some(i) = topic
-            .rsplit_once("/sbom/")
-            .and_then(|(_, i)| i.parse::<usize>().ok())
-        {
-            let v = self
-                .trust
-                .verify_compact(&payload, twin_model::inventory::SBOM_PART_TYP, 1 << 20)
-                .map_err(|e| anyhow::anyhow!("an SBOM part does not verify: {e}"))?;
-            self.sbom_parts.insert(i, v.payload);
+            self.sbom_index = Some(serde_json::from_slice(&verified(SBOM_TYP)?)?);
+        } else if let Some(i) = sbom_part {
+            let part = verified(SBOM_PART_TYP)?;
+            self.sbom_parts.insert(i, part);
         } else if topic.ends_with("/audit") {
             self.audit_lines.push(String::from_utf8(payload)?);
         } else if topic.ends_with("/status") && payload.len() > 10 {

@@ -139,6 +139,36 @@ impl GatewayProcess {
         Ok(GatewayProcess { child, log })
     }
 
+    /// Starts the gateway and waits until `done` holds at the twin; the
+    /// error carries the gateway's log.
+    async fn start_until(
+        config: &Path,
+        twin: &mut Twin,
+        timeout: Duration,
+        what: &str,
+        done: impl FnMut(&Twin) -> bool,
+    ) -> anyhow::Result<Self> {
+        let gw = Self::start(config).await?;
+        if let Err(e) = twin.until(timeout, what, done).await {
+            bail!("{e:#}\ngateway log:\n{}", gw.log());
+        }
+        Ok(gw)
+    }
+
+    /// Takes the broker away, lets batches pile up in the outbox for
+    /// `pile_up`, then stops the gateway, which must exit with 0.
+    async fn stop_during_outage(
+        &mut self,
+        broker: &mut Mosquitto,
+        pile_up: Duration,
+    ) -> anyhow::Result<()> {
+        broker.stop().await;
+        tokio::time::sleep(pile_up).await;
+        let (code, _) = self.terminate().await?;
+        ensure!(code == Some(0), "exit code {code:?}; log:\n{}", self.log());
+        Ok(())
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_else(|e| format!("(no log: {e})"))
     }
@@ -307,15 +337,14 @@ async fn kill_9_under_load_at_random_moments_loses_no_sequence_number() -> anyho
     let plc = PlcSim::start("127.0.0.1:0".parse()?).await?;
     let mut twin = Twin::start_with(&broker, &pki, WINDOW, false).await?;
     let config = process_config(&pki, broker.port(), plc.addr(), 20)?;
-    let mut gw = GatewayProcess::start(&config).await?;
-    if let Err(e) = twin
-        .until(Duration::from_secs(15), "10 batches", |t| {
-            t.view().batches >= 10
-        })
-        .await
-    {
-        bail!("{e:#}\ngateway log:\n{}", gw.log());
-    }
+    let mut gw = GatewayProcess::start_until(
+        &config,
+        &mut twin,
+        Duration::from_secs(15),
+        "10 batches",
+        |t| t.view().batches >= 10,
+    )
+    .await?;
 
     let mut rng = rand::rng();
     let kills = rng.random_range(3..=4);
@@ -553,19 +582,16 @@ async fn a_batch_altered_in_the_outbox_file_never_reaches_the_twin_and_a_gap_rec
 
     // 1. A few batches delivered, then the broker goes down and batches
     //    accumulate in the outbox.
-    let mut gw = GatewayProcess::start(&config).await?;
-    if let Err(e) = twin
-        .until(Duration::from_secs(15), "5 batches", |t| {
-            t.view().batches >= 5
-        })
-        .await
-    {
-        bail!("{e:#}\ngateway log:\n{}", gw.log());
-    }
-    broker.stop().await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (code, _) = gw.terminate().await?;
-    ensure!(code == Some(0), "exit code {code:?}; log:\n{}", gw.log());
+    let mut gw = GatewayProcess::start_until(
+        &config,
+        &mut twin,
+        Duration::from_secs(15),
+        "5 batches",
+        |t| t.view().batches >= 5,
+    )
+    .await?;
+    gw.stop_during_outage(&mut broker, Duration::from_secs(2))
+        .await?;
     let signed = last_signed_seq(&pki)?;
     let delivered = twin.view().latest_seq;
     ensure!(
@@ -728,19 +754,16 @@ async fn a_truncated_outbox_is_set_aside_and_the_chain_continues_past_a_signed_g
     let config = process_config(&pki, broker.port(), plc.addr(), 50)?;
 
     // Some batches delivered, then some stored while the broker is down.
-    let mut gw = GatewayProcess::start(&config).await?;
-    if let Err(e) = twin
-        .until(Duration::from_secs(15), "10 batches", |t| {
-            t.view().batches >= 10
-        })
-        .await
-    {
-        bail!("{e:#}\ngateway log:\n{}", gw.log());
-    }
-    broker.stop().await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let (code, _) = gw.terminate().await?;
-    ensure!(code == Some(0), "exit code {code:?}; log:\n{}", gw.log());
+    let mut gw = GatewayProcess::start_until(
+        &config,
+        &mut twin,
+        Duration::from_secs(15),
+        "10 batches",
+        |t| t.view().batches >= 10,
+    )
+    .await?;
+    gw.stop_during_outage(&mut broker, Duration::from_millis(1500))
+        .await?;
     let checkpoint = last_signed_seq(&pki)?;
     let delivered = twin.view().latest_seq;
 
@@ -843,15 +866,14 @@ async fn sigterm_stops_the_gateway_within_5_s_with_exit_0_and_a_restart_continue
     let plc = PlcSim::start("127.0.0.1:0".parse()?).await?;
     let mut twin = Twin::start_with(&broker, &pki, WINDOW, false).await?;
     let config = process_config(&pki, broker.port(), plc.addr(), 20)?;
-    let mut gw = GatewayProcess::start(&config).await?;
-    if let Err(e) = twin
-        .until(Duration::from_secs(15), "20 batches", |t| {
-            t.view().batches >= 20
-        })
-        .await
-    {
-        bail!("{e:#}\ngateway log:\n{}", gw.log());
-    }
+    let mut gw = GatewayProcess::start_until(
+        &config,
+        &mut twin,
+        Duration::from_secs(15),
+        "20 batches",
+        |t| t.view().batches >= 20,
+    )
+    .await?;
     let (code, took) = gw.terminate().await?;
     eprintln!("SIGTERM under load: exit code {code:?} after {took:?}");
     ensure!(code == Some(0), "exit code {code:?}; log:\n{}", gw.log());
@@ -875,15 +897,14 @@ async fn sigterm_stops_the_gateway_within_5_s_with_exit_0_and_a_restart_continue
     .await?;
 
     let before = twin.events.len();
-    let mut gw = GatewayProcess::start(&config).await?;
-    if let Err(e) = twin
-        .until(Duration::from_secs(15), "batches after the restart", |t| {
-            t.view().latest_seq >= last + 5
-        })
-        .await
-    {
-        bail!("{e:#}\ngateway log:\n{}", gw.log());
-    }
+    let mut gw = GatewayProcess::start_until(
+        &config,
+        &mut twin,
+        Duration::from_secs(15),
+        "batches after the restart",
+        |t| t.view().latest_seq >= last + 5,
+    )
+    .await?;
     let (code, took) = gw.terminate().await?;
     ensure!(
         code == Some(0) && took < Duration::from_secs(5),

@@ -333,42 +333,18 @@ async fn opcua_values_arrive_typed_by_subscription_and_only_permitted_writes_rea
     assert_eq!(s.sim.value("Tank1.Setpoint"), Some(Variant::Double(3.5)));
     assert_eq!(s.sim.write_count(), 1);
 
-    let r = send(
-        &s,
-        &client,
-        &mut results,
-        command(&s.idp, "opc.setpoint", Value::Float(50.0)),
-    )
-    .await?;
-    assert_eq!(
-        (r.status, r.code.as_deref()),
-        (Status::Denied, Some("out_of_bounds")),
-        "{r:?}"
-    );
-    let r = send(
-        &s,
-        &client,
-        &mut results,
-        command(&s.idp, "opc.mode", Value::Int(1)),
-    )
-    .await?;
-    assert_eq!(
-        (r.status, r.code.as_deref()),
-        (Status::Denied, Some("no_rule")),
-        "{r:?}"
-    );
-    let r = send(
-        &s,
-        &client,
-        &mut results,
-        command(&s.idp, "opc.level", Value::Float(1.0)),
-    )
-    .await?;
-    assert_eq!(
-        (r.status, r.code.as_deref()),
-        (Status::Denied, Some("read_only_tag")),
-        "{r:?}"
-    );
+    for (tag, value, code) in [
+        ("opc.setpoint", Value::Float(50.0), "out_of_bounds"),
+        ("opc.mode", Value::Int(1), "no_rule"),
+        ("opc.level", Value::Float(1.0), "read_only_tag"),
+    ] {
+        let r = send(&s, &client, &mut results, command(&s.idp, tag, value)).await?;
+        assert_eq!(
+            (r.status, r.code.as_deref()),
+            (Status::Denied, Some(code)),
+            "{tag}: {r:?}"
+        );
+    }
     assert_eq!(
         s.sim.write_count(),
         1,
