@@ -201,6 +201,44 @@ impl GatewayProcess {
     }
 }
 
+/// A stopped gateway process with batches stored in its outbox: some were
+/// delivered, then the broker (persistent sessions) went away for a while.
+struct Stored {
+    pki: TestPki,
+    broker: Mosquitto,
+    plc: PlcSim,
+    twin: Twin,
+    config: PathBuf,
+    gw: GatewayProcess,
+}
+
+impl Stored {
+    async fn after_batches(delivered: u64, pile_up: Duration) -> anyhow::Result<Stored> {
+        let pki = TestPki::new(GW)?;
+        let mut broker = Mosquitto::start(&pki, persistent_broker()).await?;
+        let plc = PlcSim::start("127.0.0.1:0".parse()?).await?;
+        let mut twin = Twin::start_with(&broker, &pki, WINDOW, true).await?;
+        let config = process_config(&pki, broker.port(), plc.addr(), 50)?;
+        let mut gw = GatewayProcess::start_until(
+            &config,
+            &mut twin,
+            Duration::from_secs(15),
+            &format!("{delivered} batches"),
+            |t| t.view().batches >= delivered,
+        )
+        .await?;
+        gw.stop_during_outage(&mut broker, pile_up).await?;
+        Ok(Stored {
+            pki,
+            broker,
+            plc,
+            twin,
+            config,
+            gw,
+        })
+    }
+}
+
 /// Waits until the gateway process logs `needle` (or fails after `timeout`).
 async fn until_logged(
     gw: &mut GatewayProcess,
@@ -574,24 +612,16 @@ fn set_aside_files(pki: &TestPki) -> anyhow::Result<Vec<String>> {
 async fn a_batch_altered_in_the_outbox_file_never_reaches_the_twin_and_a_gap_record_names_it(
 ) -> anyhow::Result<()> {
     init();
-    let pki = TestPki::new(GW)?;
-    let mut broker = Mosquitto::start(&pki, persistent_broker()).await?;
-    let plc = PlcSim::start("127.0.0.1:0".parse()?).await?;
-    let mut twin = Twin::start_with(&broker, &pki, WINDOW, true).await?;
-    let config = process_config(&pki, broker.port(), plc.addr(), 50)?;
-
     // 1. A few batches delivered, then the broker goes down and batches
     //    accumulate in the outbox.
-    let mut gw = GatewayProcess::start_until(
-        &config,
-        &mut twin,
-        Duration::from_secs(15),
-        "5 batches",
-        |t| t.view().batches >= 5,
-    )
-    .await?;
-    gw.stop_during_outage(&mut broker, Duration::from_secs(2))
-        .await?;
+    let Stored {
+        pki,
+        mut broker,
+        plc: _plc,
+        mut twin,
+        config,
+        gw,
+    } = Stored::after_batches(5, Duration::from_secs(2)).await?;
     let signed = last_signed_seq(&pki)?;
     let delivered = twin.view().latest_seq;
     ensure!(
@@ -747,23 +777,15 @@ async fn a_batch_altered_in_the_outbox_file_never_reaches_the_twin_and_a_gap_rec
 async fn a_truncated_outbox_is_set_aside_and_the_chain_continues_past_a_signed_gap(
 ) -> anyhow::Result<()> {
     init();
-    let pki = TestPki::new(GW)?;
-    let mut broker = Mosquitto::start(&pki, persistent_broker()).await?;
-    let plc = PlcSim::start("127.0.0.1:0".parse()?).await?;
-    let mut twin = Twin::start_with(&broker, &pki, WINDOW, true).await?;
-    let config = process_config(&pki, broker.port(), plc.addr(), 50)?;
-
     // Some batches delivered, then some stored while the broker is down.
-    let mut gw = GatewayProcess::start_until(
-        &config,
-        &mut twin,
-        Duration::from_secs(15),
-        "10 batches",
-        |t| t.view().batches >= 10,
-    )
-    .await?;
-    gw.stop_during_outage(&mut broker, Duration::from_millis(1500))
-        .await?;
+    let Stored {
+        pki,
+        mut broker,
+        plc: _plc,
+        mut twin,
+        config,
+        gw: _,
+    } = Stored::after_batches(10, Duration::from_millis(1500)).await?;
     let checkpoint = last_signed_seq(&pki)?;
     let delivered = twin.view().latest_seq;
 
