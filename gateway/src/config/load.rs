@@ -857,30 +857,20 @@ impl Loader<'_> {
             ],
         );
         let identify = self.r.boolean(t, "identify");
-        let address = self.r.non_empty(t, "address").and_then(|a| {
-            let problem = match a.get_ref().rsplit_once(':') {
+        let address = self.r.shaped(
+            t,
+            "address",
+            "host:port",
+            |a| match a.rsplit_once(':') {
                 None => Some("it has no port"),
                 Some(("", _)) => Some("the host is empty"),
                 Some((_, port)) => match port.parse::<u16>() {
                     Ok(p) if p >= 1 => None,
                     _ => Some("the port must be a number from 1 to 65535"),
                 },
-            };
-            match problem {
-                None => Some(a.into_inner()),
-                Some(problem) => {
-                    self.r.error_help(
-                        &a.span(),
-                        format!(
-                            "device address \"{}\" is not host:port: {problem}",
-                            a.get_ref()
-                        ),
-                        Some("write it as host:port, e.g. \"192.168.1.10:502\""),
-                    );
-                    None
-                }
-            }
-        });
+            },
+            "write it as host:port, e.g. \"192.168.1.10:502\"",
+        );
         let address = self
             .r
             .required(t, "address", "\"192.168.1.10:502\"", address);

@@ -107,22 +107,19 @@ impl Loader<'_> {
                 "tags",
             ],
         );
-        let url = self.r.non_empty(t, "endpoint_url").and_then(|u| {
-            let ok = u
-                .get_ref()
-                .strip_prefix("opc.tcp://")
-                .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'));
-            if ok {
-                Some(u.into_inner())
-            } else {
-                self.r.error_help(
-                    &u.span(),
-                    format!("endpoint_url \"{}\" is not an opc.tcp:// URL", u.get_ref()),
-                    Some("write it as opc.tcp://host:port/path, e.g. \"opc.tcp://192.168.1.20:4840/\""),
-                );
-                None
-            }
-        });
+        let url = self.r.shaped(
+            t,
+            "endpoint_url",
+            "an opc.tcp:// URL",
+            |u| match u.strip_prefix("opc.tcp://") {
+                None => Some("it must start with opc.tcp://"),
+                Some(rest) if rest.is_empty() || rest.starts_with('/') => {
+                    Some("the host is missing")
+                }
+                Some(_) => None,
+            },
+            "write it as opc.tcp://host:port/path, e.g. \"opc.tcp://192.168.1.20:4840/\"",
+        );
         let url = self
             .r
             .required(t, "endpoint_url", "\"opc.tcp://192.168.1.20:4840/\"", url);

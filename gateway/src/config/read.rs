@@ -278,6 +278,30 @@ impl<'a> Reader<'a> {
         })
     }
 
+    /// A non-empty string of a given shape: `problem` names what is wrong
+    /// with it (reported with `what` and `help`), or `None` when it fits.
+    pub fn shaped(
+        &mut self,
+        t: &Table<'_, '_>,
+        key: &str,
+        what: &str,
+        problem: impl Fn(&str) -> Option<&'static str>,
+        help: &str,
+    ) -> Field<String> {
+        self.non_empty(t, key)
+            .and_then(|s| match problem(s.get_ref()) {
+                None => Some(s.into_inner()),
+                Some(problem) => {
+                    self.error_help(
+                        &s.span(),
+                        format!("{key} \"{}\" is not {what}: {problem}", s.get_ref()),
+                        Some(help),
+                    );
+                    None
+                }
+            })
+    }
+
     /// A boolean.
     pub fn boolean(&mut self, t: &Table<'_, '_>, key: &str) -> Field<bool> {
         let Some(v) = t.get(key) else {
