@@ -345,7 +345,7 @@ impl Inventory {
         let doc = crate::sbom::SBOM_JSON.as_bytes();
         // A JWS carries its payload in base64url (4 bytes per 3) after a
         // header of about 100 bytes.
-        let part_len = (max_message_bytes.saturating_sub(512) / 4 * 3).max(1024);
+        let part_len = (max_message_bytes.saturating_sub(512) / 4 * 3).max(256);
         let mut out = Vec::new();
         let mut hashes = Vec::new();
         for (i, part) in doc.chunks(part_len).enumerate() {
@@ -733,7 +733,7 @@ writable = true
         let (inv, _rx) = inventory(&f);
         let mut trust = twin_model::TrustStore::new();
         trust.add_pem(&f.key.public_key_pem()).unwrap();
-        for limit in [16 * 1024, 131_072, 1 << 20] {
+        for limit in [1024, 16 * 1024, 131_072, 1 << 20] {
             let msgs = inv.sbom(limit);
             let (index_msg, parts) = msgs.split_last().unwrap();
             assert_eq!(index_msg.topic, "twin/inv-gw/sbom");
