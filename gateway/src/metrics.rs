@@ -48,7 +48,9 @@ pub struct DeviceStats {
     pub timeouts: AtomicU64,
     /// Connections made (the first and every reconnect).
     pub connects: AtomicU64,
-    /// The last good read, ms since the Unix epoch (0: never).
+    /// The last time the device answered (a read cycle without a transport,
+    /// timeout or protocol failure; for OPC UA subscriptions, while the
+    /// session stands), ms since the Unix epoch (0: never).
     pub last_seen_ms: AtomicU64,
 }
 

@@ -155,7 +155,8 @@ pub struct DeviceEntry {
     /// When the identity last changed (the alert `device_identity_changed`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity_changed_ms: Option<u64>,
-    /// The last good read (or OPC UA data change) from this device.
+    /// The last time the device answered (a Modbus read cycle, exceptions
+    /// included; an OPC UA read, data change or standing subscription).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen_ms: Option<u64>,
 }

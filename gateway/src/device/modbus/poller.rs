@@ -245,6 +245,10 @@ impl Owner {
                             if exception {
                                 self.stats.exceptions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             }
+                            if failure.is_none() {
+                                // It answered (an exception is an answer too).
+                                self.stats.last_seen_ms.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+                            }
                             if matches!(failure, Some(LinkError::Timeout(_))) {
                                 self.stats.timeouts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             }
