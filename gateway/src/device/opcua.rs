@@ -30,14 +30,14 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use opcua::client::{
     Client, ClientBuilder, DataChangeCallback, IdentityToken, MonitoredItem, Session,
-    SessionPollResult,
+    SessionPollResult, SubscriptionActivity,
 };
 use opcua::crypto::SecurityPolicy;
 use opcua::types::{
     AttributeId, DataChangeFilter, DataChangeTrigger, DataValue, DeadbandType, EndpointDescription,
     ExtensionObject, MessageSecurityMode, MonitoredItemCreateRequest, MonitoringMode,
     MonitoringParameters, NamespaceMap, NodeId, NumericRange, ReadValueId, StatusCode,
-    TimestampsToReturn, UAString, Variant, WriteValue,
+    TimestampsToReturn, UAString, VariableId, Variant, WriteValue,
 };
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -53,8 +53,34 @@ use crate::config::{
 use crate::metrics::DeviceStats;
 use crate::policy::WritePermit;
 
-/// Monitored items created per CreateMonitoredItems call.
+/// Monitored items created per CreateMonitoredItems call, at most: fewer
+/// when the server's `MaxMonitoredItemsPerCall` operation limit is lower,
+/// and halved while the server finds a call too large (see [`ItemCalls`]).
 const MONITORED_ITEMS_PER_CALL: usize = 500;
+
+/// Notifications per publish response the subscription asks for. Without a
+/// bound a server puts the changes of every item into one response: for
+/// 10,000 Double items (about 30 bytes each with both timestamps) that was
+/// over the client's message limit, the server answered every publish with
+/// `BadResponseTooLarge` and not one value arrived. A server splits larger
+/// sets over several responses, which the client fetches back to back (each
+/// says when more are waiting). 5000 numeric values take about 170 KB.
+const NOTIFICATIONS_PER_PUBLISH: u32 = 5000;
+
+/// The largest message the client accepts, announced to the server (which
+/// sizes its responses by it): 4 MiB. A publish response holds at most
+/// [`NOTIFICATIONS_PER_PUBLISH`] values (about 170 KB when numeric, which
+/// leaves room for string values of some 800 bytes on average), and the
+/// Read of every tag (`read = "poll"`) about 26 bytes per numeric tag (some
+/// 150,000 tags). A message is assembled in memory before it is decoded,
+/// so this also bounds what one session can make the gateway hold at once
+/// (the gateway's whole peak RSS budget is 64 MiB). async-opcua's default,
+/// 5 chunks (320 KiB), is too small for a publish of 10,000 values.
+const MAX_MESSAGE_BYTES: usize = 4 << 20;
+
+/// async-opcua's chunk size (sent and received), for the chunk count that
+/// makes [`MAX_MESSAGE_BYTES`].
+const CHUNK_BYTES: usize = 65_535;
 
 /// Prefix of the reason of a sample whose OPC UA status is not good.
 pub const STATUS_PREFIX: &str = "opcua:";
@@ -347,8 +373,11 @@ impl OpcUaDriver {
             .request_timeout(c.request_timeout)
             // The library's default (1000) refuses a notification or a
             // reply with more values than that and drops the connection:
-            // a device with thousands of tags needs more.
+            // a device with thousands of tags needs more. The message size
+            // below is the real bound.
             .max_array_length(1_000_000)
+            .max_message_size(MAX_MESSAGE_BYTES)
+            .max_chunk_count(MAX_MESSAGE_BYTES.div_ceil(CHUNK_BYTES))
             .recreate_subscriptions(true)
             .session_timeout(60_000)
             .client()
@@ -453,7 +482,13 @@ impl OpcUaDriver {
                         notice(code, why.clone());
                     }
                     warn!(device = %cfg.name, error = %why, retry_in = ?cfg.reconnect_max, "OPC UA session ended; retrying");
-                    if !self.emit_bad(&out, reason::DISCONNECTED).await {
+                    let why = match status {
+                        Some(s) if is_lost_publish(s) => {
+                            format!("{STATUS_PREFIX}{}", s.sub_code().name())
+                        }
+                        _ => reason::DISCONNECTED.to_string(),
+                    };
+                    if !self.emit_bad(&out, &why).await {
                         return;
                     }
                     if !self.wait(&shutdown, &mut writes, cfg.reconnect_max).await {
@@ -544,13 +579,25 @@ impl OpcUaDriver {
         let cfg = &self.cfg;
         // The session's requests only progress while its event loop is
         // polled: poll it in a task of its own, so that this loop may await
-        // reads, writes and subscriptions.
-        let (ev_tx, mut events) = mpsc::channel(64);
+        // reads, writes and subscriptions. That task must never wait for
+        // this loop: the stream yields an event for every message sent and
+        // received (three per request), and while this loop awaits the
+        // CreateMonitoredItems calls of a large device (20 for 10,000
+        // tags) nobody reads them; with a bounded channel the pump stopped
+        // at 64 events, the event loop with it, and the pending request
+        // (whose timeout the event loop checks too) hung for ever. So only
+        // the events that change the connection are passed on ([`matters`]),
+        // at most one per (re)connect attempt, which this loop reads between
+        // any two requests: the unbounded channel holds a few at most.
+        let (ev_tx, mut events) = mpsc::unbounded_channel();
         let pump = tokio::spawn(async move {
             let mut stream = stream;
             while let Some(ev) = stream.next().await {
                 let end = ev.is_err();
-                if ev_tx.send(ev).await.is_err() || end {
+                if !matters(&ev) {
+                    continue;
+                }
+                if ev_tx.send(ev).is_err() || end {
                     break;
                 }
             }
@@ -558,6 +605,8 @@ impl OpcUaDriver {
         let _pump = AbortOnDrop(pump);
         let (tx, mut rx) = mpsc::unbounded_channel::<(u32, DataValue)>();
         let mut subscribed = false;
+        // The tags without a monitored item, and why.
+        let mut refused: Vec<(usize, StatusCode)> = Vec::new();
         let mut connected = false;
         let mut nodes: Nodes = vec![None; cfg.tags.len()];
         let mut poll = tokio::time::interval(cfg.sampling_interval.max(Duration::from_millis(10)));
@@ -602,8 +651,19 @@ impl OpcUaDriver {
                             session.trigger_publish_now();
                         } else if cfg.read == OpcUaRead::Subscribe {
                             match self.subscribe(&session, &nodes, tx.clone()).await {
-                                Ok(()) => subscribed = true,
+                                Ok(r) => {
+                                    subscribed = true;
+                                    refused = r;
+                                }
                                 Err(e) => return Served::Failed(format!("cannot subscribe: {e}"), None),
+                            }
+                        }
+                        // Bad with their reason, also again after a
+                        // reconnect (which made every tag `disconnected`).
+                        if !refused.is_empty() {
+                            let event = DeviceEvent { device: cfg.name.clone(), samples: self.refused_samples(&refused), cycle_done: true, command_id: None };
+                            if out.send(event).await.is_err() {
+                                return Served::Stop;
                             }
                         }
                         info!(device = %cfg.name, "OPC UA session ready");
@@ -624,6 +684,19 @@ impl OpcUaDriver {
                             return Served::Failed(explain(status, &cfg.pki_dir), Some(status));
                         }
                         warn!(device = %cfg.name, error = %explain(status, &cfg.pki_dir), "OPC UA reconnect failed");
+                    }
+                    Some(Ok(SessionPollResult::Subscription(SubscriptionActivity::PublishFailed(status)))) => {
+                        // The changes in that response are lost, and a
+                        // subscription sends only changes: a new session
+                        // (and subscription) sends every value afresh.
+                        return Served::Failed(
+                            format!(
+                                "{}: the server could not send a publish response within the gateway's limit of {} KiB per message ({NOTIFICATIONS_PER_PUBLISH} notifications per publish asked for); its changes are lost, restarting the session",
+                                status.sub_code().name(),
+                                MAX_MESSAGE_BYTES >> 10
+                            ),
+                            Some(status),
+                        );
                     }
                     Some(Ok(_)) => {}
                 },
@@ -679,19 +752,23 @@ impl OpcUaDriver {
         }
     }
 
+    /// Creates the subscription and a monitored item per resolved tag.
+    /// Returns the tags that got none, with the status why: refused by the
+    /// server (the whole call or the item) or not resolved on this server.
+    /// Fails only when the session does (a transport error, a timeout).
     async fn subscribe(
         &self,
         session: &Session,
         nodes: &Nodes,
         tx: mpsc::UnboundedSender<(u32, DataValue)>,
-    ) -> Result<(), String> {
+    ) -> Result<Vec<(usize, StatusCode)>, String> {
         let cfg = &self.cfg;
         let id = session
             .create_subscription(
                 cfg.publishing_interval,
                 30,
                 10,
-                0,
+                NOTIFICATIONS_PER_PUBLISH,
                 0,
                 true,
                 DataChangeCallback::new(move |dv, item: &MonitoredItem| {
@@ -709,12 +786,8 @@ impl OpcUaDriver {
         } else {
             ExtensionObject::null()
         };
-        let mut items = Vec::with_capacity(cfg.tags.len());
-        for (i, id) in nodes.iter().enumerate() {
-            let Some(id) = id else {
-                continue;
-            };
-            items.push(MonitoredItemCreateRequest::new(
+        let request = |i: usize, id: &NodeId| {
+            MonitoredItemCreateRequest::new(
                 id.clone().into(),
                 MonitoringMode::Reporting,
                 MonitoringParameters {
@@ -725,28 +798,82 @@ impl OpcUaDriver {
                     queue_size: cfg.queue_size,
                     discard_oldest: true,
                 },
-            ));
-        }
-        // In calls of at most 500 items: servers limit the items per call.
-        let mut created = Vec::with_capacity(items.len());
-        let mut rest = items;
-        while !rest.is_empty() {
-            let tail = rest.split_off(rest.len().min(MONITORED_ITEMS_PER_CALL));
-            created.extend(
-                session
-                    .create_monitored_items(id, TimestampsToReturn::Both, rest)
-                    .await
-                    .map_err(|e| e.to_string())?,
-            );
-            rest = tail;
-        }
-        let monitored = cfg.tags.iter().zip(nodes).filter(|(_, n)| n.is_some());
-        for (c, (t, _)) in created.iter().zip(monitored) {
-            if !c.result.status_code.is_good() {
-                warn!(device = %cfg.name, tag = %t.name, node = %t.node_id, status = %c.result.status_code.sub_code().name(), "monitored item refused by the server; the tag stays bad");
+            )
+        };
+        let resolved = nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| n.as_ref().map(|_| i))
+            .collect();
+        let mut calls = ItemCalls::new(resolved, max_items_per_call(session).await);
+        loop {
+            let call = calls.next().to_vec();
+            if call.is_empty() {
+                break;
+            }
+            let items = call
+                .iter()
+                .filter_map(|&i| nodes[i].as_ref().map(|n| request(i, n)))
+                .collect();
+            match session
+                .create_monitored_items(id, TimestampsToReturn::Both, items)
+                .await
+            {
+                Ok(created) => {
+                    let codes: Vec<StatusCode> =
+                        created.iter().map(|c| c.result.status_code).collect();
+                    calls.answered(&codes);
+                }
+                Err(e) if is_refusal(e.status()) => {
+                    tracing::debug!(device = %cfg.name, items = call.len(), status = %e.status().sub_code().name(), "CreateMonitoredItems refused");
+                    calls.refused(e.status());
+                }
+                Err(e) => return Err(e.to_string()),
             }
         }
-        Ok(())
+        let mut refused = calls.into_refused();
+        let mut by_status: Vec<(StatusCode, Vec<&str>)> = Vec::new();
+        for &(i, status) in &refused {
+            let name = cfg.tags[i].name.as_str();
+            match by_status.iter_mut().find(|(s, _)| *s == status) {
+                Some((_, names)) => names.push(name),
+                None => by_status.push((status, vec![name])),
+            }
+        }
+        for (status, names) in by_status {
+            const SHOWN: usize = 5;
+            let more = names.len().saturating_sub(SHOWN);
+            let mut shown = names[..names.len().min(SHOWN)].join(", ");
+            if more > 0 {
+                shown.push_str(&format!(" and {more} more"));
+            }
+            warn!(device = %cfg.name, status = %status.sub_code().name(), count = names.len(), tags = %shown, "the server refused monitored items; these tags stay bad");
+        }
+        refused.extend(
+            nodes
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| n.is_none())
+                .map(|(i, _)| (i, StatusCode::BadNodeIdUnknown)),
+        );
+        refused.sort_unstable_by_key(|(i, _)| *i);
+        Ok(refused)
+    }
+
+    /// Bad samples for the tags without a monitored item, with the status
+    /// as the reason.
+    fn refused_samples(&self, refused: &[(usize, StatusCode)]) -> Vec<Sample> {
+        let ts = now_ms();
+        refused
+            .iter()
+            .map(|&(i, status)| {
+                Sample::bad(
+                    &self.cfg.tags[i].name,
+                    format!("{STATUS_PREFIX}{}", status.sub_code().name()),
+                    ts,
+                )
+            })
+            .collect()
     }
 
     async fn read_all(&self, session: &Session, nodes: &Nodes) -> Vec<Sample> {
@@ -907,6 +1034,121 @@ impl OpcUaDriver {
     }
 }
 
+/// The server's `MaxMonitoredItemsPerCall` operation limit, capped at
+/// [`MONITORED_ITEMS_PER_CALL`] (also when it cannot be read, or is 0: no
+/// limit).
+async fn max_items_per_call(session: &Session) -> usize {
+    let id = NodeId::new(
+        0,
+        VariableId::Server_ServerCapabilities_OperationLimits_MaxMonitoredItemsPerCall as u32,
+    );
+    let limit = match session
+        .read(&[ReadValueId::from(id)], TimestampsToReturn::Neither, 0.0)
+        .await
+    {
+        Ok(values) => match values.first().and_then(|dv| dv.value.as_ref()) {
+            Some(Variant::UInt32(n)) => usize::try_from(*n).unwrap_or(usize::MAX),
+            _ => 0,
+        },
+        Err(_) => 0,
+    };
+    match limit {
+        0 => MONITORED_ITEMS_PER_CALL,
+        n => n.min(MONITORED_ITEMS_PER_CALL),
+    }
+}
+
+/// Service results of CreateMonitoredItems that refuse the call, not the
+/// session: the server's limits (items per call, items per subscription,
+/// message sizes). Any other failure ends the session.
+fn is_refusal(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::BadTooManyOperations
+            | StatusCode::BadTooManyMonitoredItems
+            | StatusCode::BadRequestTooLarge
+            | StatusCode::BadResponseTooLarge
+            | StatusCode::BadEncodingLimitsExceeded
+    )
+}
+
+/// A publish that failed for its size: its changes are lost.
+fn is_lost_publish(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::BadResponseTooLarge | StatusCode::BadEncodingLimitsExceeded
+    )
+}
+
+/// The CreateMonitoredItems calls of one subscription, adapted to what the
+/// server refuses; no I/O, so that it can be tested alone.
+///
+/// A call refused as a whole (see [`is_refusal`]) is asked again with half
+/// the items, down to one; a single item still refused means the server
+/// takes no more (a full subscription: `BadTooManyMonitoredItems`), and
+/// every item left is refused with that status without asking. So a refusing
+/// server costs at most about log2([`MONITORED_ITEMS_PER_CALL`]) extra calls.
+#[derive(Debug)]
+struct ItemCalls {
+    /// The tags (indexes into the device's tags) to create items for.
+    tags: Vec<usize>,
+    /// How many of them are answered (created or refused).
+    done: usize,
+    per_call: usize,
+    /// The tags without an item, with the server's status.
+    refused: Vec<(usize, StatusCode)>,
+}
+
+impl ItemCalls {
+    fn new(tags: Vec<usize>, per_call: usize) -> Self {
+        ItemCalls {
+            tags,
+            done: 0,
+            per_call: per_call.max(1),
+            refused: Vec::new(),
+        }
+    }
+
+    /// The tags of the next call; empty when every tag is answered.
+    fn next(&self) -> &[usize] {
+        let end = (self.done + self.per_call).min(self.tags.len());
+        &self.tags[self.done..end]
+    }
+
+    /// The per-item results of the call [`Self::next`] returned, in its
+    /// order; an item without a result counts as refused.
+    fn answered(&mut self, results: &[StatusCode]) {
+        let call = self.done..self.done + self.next().len();
+        for (k, &tag) in self.tags[call.clone()].iter().enumerate() {
+            let status = results
+                .get(k)
+                .copied()
+                .unwrap_or(StatusCode::BadUnexpectedError);
+            if status.is_bad() {
+                self.refused.push((tag, status));
+            }
+        }
+        self.done = call.end;
+    }
+
+    /// The server refused the whole call with `status`.
+    fn refused(&mut self, status: StatusCode) {
+        let n = self.next().len();
+        if n > 1 {
+            self.per_call = n / 2;
+            return;
+        }
+        for &tag in &self.tags[self.done..] {
+            self.refused.push((tag, status));
+        }
+        self.done = self.tags.len();
+    }
+
+    fn into_refused(self) -> Vec<(usize, StatusCode)> {
+        self.refused
+    }
+}
+
 type SessionEvents = std::pin::Pin<
     Box<dyn futures_util::Stream<Item = Result<SessionPollResult, StatusCode>> + Send>,
 >;
@@ -917,6 +1159,25 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// Whether the owner loop needs a session event: errors, connection
+/// changes and a publish lost for its size (which ends the session); not
+/// the per-message transport events nor the periodic keep-alive and
+/// publish activity.
+fn matters(ev: &Result<SessionPollResult, StatusCode>) -> bool {
+    match ev {
+        Err(_)
+        | Ok(
+            SessionPollResult::Reconnected(_)
+            | SessionPollResult::ConnectionLost(_)
+            | SessionPollResult::ReconnectFailed(_),
+        ) => true,
+        Ok(SessionPollResult::Subscription(SubscriptionActivity::PublishFailed(status))) => {
+            is_lost_publish(*status)
+        }
+        Ok(_) => false,
     }
 }
 
@@ -1060,6 +1321,95 @@ mod tests {
         }
         assert_eq!(value_of(&Variant::Float(2.38)), Some(Value::Float(2.38)));
         assert_eq!(value_of(&Variant::Double(f64::NAN)), None);
+    }
+
+    #[test]
+    fn monitored_items_are_created_in_calls_of_at_most_the_limit() {
+        let mut calls = ItemCalls::new((0..1200).collect(), 500);
+        let mut sizes = Vec::new();
+        while !calls.next().is_empty() {
+            sizes.push(calls.next().len());
+            let ok = vec![StatusCode::Good; calls.next().len()];
+            calls.answered(&ok);
+        }
+        assert_eq!(sizes, [500, 500, 200]);
+        assert!(calls.into_refused().is_empty());
+    }
+
+    #[test]
+    fn items_the_server_refuses_one_by_one_are_reported_with_their_status() {
+        let mut calls = ItemCalls::new(vec![3, 5, 8], 500);
+        calls.answered(&[
+            StatusCode::Good,
+            StatusCode::BadNodeIdUnknown,
+            StatusCode::BadUserAccessDenied,
+        ]);
+        assert!(calls.next().is_empty());
+        assert_eq!(
+            calls.into_refused(),
+            [
+                (5, StatusCode::BadNodeIdUnknown),
+                (8, StatusCode::BadUserAccessDenied)
+            ]
+        );
+        // A result missing from the answer is a refusal too.
+        let mut calls = ItemCalls::new(vec![1, 2], 500);
+        calls.answered(&[StatusCode::Good]);
+        assert_eq!(calls.into_refused(), [(2, StatusCode::BadUnexpectedError)]);
+    }
+
+    #[test]
+    fn a_full_subscription_halves_the_calls_then_refuses_the_rest_without_asking() {
+        // The server takes 1100 items in all (like max_monitored_items_per_sub),
+        // and refuses a call that would pass that as a whole.
+        let room = 1100;
+        let mut calls = ItemCalls::new((0..3000).collect(), 500);
+        let (mut created, mut asked) = (0, 0);
+        while !calls.next().is_empty() {
+            asked += 1;
+            let n = calls.next().len();
+            if created + n > room {
+                calls.refused(StatusCode::BadTooManyMonitoredItems);
+            } else {
+                created += n;
+                calls.answered(&vec![StatusCode::Good; n]);
+            }
+        }
+        assert_eq!(created, room);
+        let refused = calls.into_refused();
+        assert_eq!(refused.len(), 3000 - room);
+        assert!(refused
+            .iter()
+            .all(|(_, s)| *s == StatusCode::BadTooManyMonitoredItems));
+        assert_eq!(refused[0].0, room);
+        // 2 x 500, then 50 (after 250, 125 and 62 were refused), then 31,
+        // 15, 7, 3, 1 refused each: a few calls, not one per item.
+        assert!(asked < 20, "{asked} calls");
+    }
+
+    #[test]
+    fn only_connection_changes_and_lost_publishes_reach_the_owner_loop() {
+        use opcua::client::transport::TransportPollResult;
+        use opcua::client::SessionActivity;
+        assert!(matters(&Err(StatusCode::BadConnectionClosed)));
+        assert!(matters(&Ok(SessionPollResult::ConnectionLost(
+            StatusCode::BadConnectionClosed
+        ))));
+        assert!(matters(&Ok(SessionPollResult::Subscription(
+            SubscriptionActivity::PublishFailed(StatusCode::BadResponseTooLarge)
+        ))));
+        assert!(!matters(&Ok(SessionPollResult::Subscription(
+            SubscriptionActivity::PublishFailed(StatusCode::BadTimeout)
+        ))));
+        assert!(!matters(&Ok(SessionPollResult::Subscription(
+            SubscriptionActivity::Publish
+        ))));
+        assert!(!matters(&Ok(SessionPollResult::Transport(
+            TransportPollResult::IncomingMessage
+        ))));
+        assert!(!matters(&Ok(SessionPollResult::SessionActivity(
+            SessionActivity::KeepAliveSucceeded
+        ))));
     }
 
     #[test]

@@ -27,12 +27,17 @@
 //!   share the cores; and the batch latency (signed -> verified) and how old
 //!   the tags' newest values are at the end.
 //!
-//! With one device, more than 1000 items do not work: the gateway's OPC UA
-//! client (async-opcua) decodes arrays of at most 1000 elements, so it
-//! cannot read the CreateMonitoredItems response, drops the connection and
-//! retries; a notification message with more than 1000 values (e.g. 1000
-//! items with `--queue-size` 2 or more after a late publish) does the same.
-//! Spread the items with `--devices`.
+//! One device holds 10,000 items and more (measured: 10,000 at 100 ms, all
+//! changes delivered). Two limits stopped it before: the driver's session
+//! event pump waited for the device loop while that loop awaited the
+//! CreateMonitoredItems calls, and hung after some 7000 items; and a
+//! publish response of 10,000 values is larger than async-opcua's default
+//! client message limit (320 KiB), so the server answered every publish with
+//! `BadResponseTooLarge`. The driver now asks for at most 5000
+//! notifications per publish and accepts messages up to 4 MiB (see
+//! `gateway/src/device/opcua.rs`). A server that refuses items (here with
+//! `--default-limits`: 1000 items per subscription) leaves those tags bad
+//! with the status as the reason, e.g. `opcua:BadTooManyMonitoredItems`.
 //!
 //! It fails if any message is rejected or any batch is missing, or a tag is
 //! not good at the end, and prints a summary of the gateway's log (WARN and
@@ -42,10 +47,14 @@
 //! ```sh
 //! cargo build --release -p gateway -p twin-testkit --bin gateway --bin opcua-bench
 //! target/release/opcua-bench --items 1000 --seconds 10
+//! target/release/opcua-bench --items 10000 --seconds 10               # one session
 //! target/release/opcua-bench --items 5000 --devices 5 --seconds 10   # 1000 items per session
-//! target/release/opcua-bench --items 2000 --ready-timeout-s 20       # one session: fails, see above
-//! # the simulator with async-opcua's default server limits (1000 items per call):
+//! # the simulator with async-opcua's default server limits (1000 items per
+//! # subscription): one session leaves 1000 tags bad (BadTooManyMonitoredItems)
+//! target/release/opcua-bench --items 2000 --ready-timeout-s 10 --default-limits
 //! target/release/opcua-bench --items 2000 --devices 2 --default-limits
+//! # the OPC UA requests and their status codes, and the log kept:
+//! target/release/opcua-bench --items 10000 --gateway-log 'warn,gateway::device::opcua=debug,opcua=debug' --keep-log /tmp/gw.log
 //! ```
 
 use anyhow::{bail, Context as _};
@@ -92,6 +101,15 @@ struct Args {
     /// the same server; one session and one subscription each).
     #[arg(long, default_value_t = 1)]
     devices: u32,
+    /// The gateway's log filter (`RUST_LOG`), e.g.
+    /// `warn,gateway::device::opcua=debug,opcua=debug` to see the OPC UA
+    /// requests and their status codes.
+    #[arg(long, default_value = "warn,gateway::device::opcua=info")]
+    gateway_log: String,
+    /// Copy the gateway's log (JSON lines) here at the end (the bench's
+    /// temporary folder is deleted).
+    #[arg(long)]
+    keep_log: Option<PathBuf>,
 }
 
 const GW: &str = "opcua-bench-gw";
@@ -267,8 +285,13 @@ fn log_summary(path: &Path) -> BTreeMap<String, u64> {
                     // The test PKI is a development PKI, expiring in 30 days.
                     msg = "security self-check (the bench's development PKI)".into();
                 }
-                for extra in ["status", "error", "tag"] {
-                    if let Some(x) = f[extra].as_str() {
+                for extra in ["status", "error", "tag", "count", "tags"] {
+                    let x = match &f[extra] {
+                        serde_json::Value::String(x) => Some(x.clone()),
+                        serde_json::Value::Number(n) => Some(n.to_string()),
+                        _ => None,
+                    };
+                    if let Some(x) = x {
                         let x: String = x.chars().take(160).collect();
                         msg.push_str(&format!(" {extra}={x}"));
                     }
@@ -454,7 +477,7 @@ async fn run(args: &Args, bin: &Path, pki: &TestPki, sim: &OpcUaSim) -> anyhow::
     let mut child = std::process::Command::new(bin)
         .args(["--log-format", "json", "run", "-c"])
         .arg(&cfg_path)
-        .env("RUST_LOG", "warn,gateway::device::opcua=info")
+        .env("RUST_LOG", &args.gateway_log)
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()
@@ -465,6 +488,11 @@ async fn run(args: &Args, bin: &Path, pki: &TestPki, sim: &OpcUaSim) -> anyhow::
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     let _ = child.wait();
     drop(broker);
+    if let Some(keep) = &args.keep_log {
+        if let Err(e) = std::fs::copy(&log_path, keep) {
+            eprintln!("cannot copy the gateway log to {}: {e}", keep.display());
+        }
+    }
     result
 }
 
