@@ -254,7 +254,9 @@ pub fn inventory() -> (crate::inventory::Inventory, String) {
             endpoint: "192.168.1.10:502".into(),
             unit_id: Some(1),
             security: None,
+            tag_count: 2,
             tags: vec!["tank1.level".into(), "tank1.mode".into()],
+            tags_omitted: false,
             writable: vec!["tank1.mode".into()],
             identity: Some(DeviceIdentity {
                 fields: fields

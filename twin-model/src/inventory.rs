@@ -137,8 +137,13 @@ pub struct DeviceEntry {
     /// `Basic256Sha256/SignAndEncrypt`, or `any secure policy`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub security: Option<String>,
-    /// Tag names, in configuration order.
+    /// How many tags the device has.
+    pub tag_count: usize,
+    /// Tag names, in configuration order; empty with `tags_omitted` (the
+    /// inventory would not fit the broker's message size otherwise).
     pub tags: Vec<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tags_omitted: bool,
     /// The tags commands may write.
     pub writable: Vec<String>,
     /// The identity last reported; absent until the device has reported
@@ -297,7 +302,9 @@ mod tests {
                 endpoint: "10.0.0.5:502".into(),
                 unit_id: Some(1),
                 security: None,
+                tag_count: 1,
                 tags: vec!["tank.level".into()],
+                tags_omitted: false,
                 writable: vec![],
                 identity: Some(id(&[("vendor_name", "ACME")])),
                 identity_status: None,

@@ -121,6 +121,8 @@ pub struct Inventory {
     stats: Vec<(String, Arc<DeviceStats>)>,
     dirty: bool,
     published_ms: Option<u64>,
+    /// The broker's message size limit (`mqtt.max_message_bytes`).
+    max_message_bytes: usize,
 }
 
 impl Inventory {
@@ -148,6 +150,7 @@ impl Inventory {
             stats,
             dirty: true,
             published_ms: None,
+            max_message_bytes: cfg.mqtt.max_message_bytes,
         };
         inv.fill_identities();
         inv
@@ -330,10 +333,37 @@ impl Inventory {
         }
         self.dirty = false;
         self.published_ms = Some(now_ms);
-        let json = serde_json::to_vec(&self.document(now_ms)).expect("inventory serializes");
+        let mut doc = self.document(now_ms);
+        let sign = |doc: &Document| {
+            let json = serde_json::to_vec(doc).expect("inventory serializes");
+            self.key.sign_compact(INVENTORY_TYP, &json).into_bytes()
+        };
+        let mut payload = sign(&doc);
+        if payload.len() > self.max_message_bytes {
+            // Too many tags for one message: their names are left out (the
+            // counts stay; the configuration has them).
+            for d in &mut doc.devices {
+                d.tags.clear();
+                d.tags_omitted = true;
+            }
+            payload = sign(&doc);
+            tracing::warn!(
+                bytes = payload.len(),
+                limit = self.max_message_bytes,
+                "the inventory with every tag name is larger than mqtt.max_message_bytes; it is published without the tag names"
+            );
+        }
+        if payload.len() > self.max_message_bytes {
+            tracing::error!(
+                bytes = payload.len(),
+                limit = self.max_message_bytes,
+                "the inventory is larger than mqtt.max_message_bytes even without tag names; it is not published"
+            );
+            return None;
+        }
         Some(Outgoing {
             topic: self.topics.inventory(),
-            payload: self.key.sign_compact(INVENTORY_TYP, &json).into_bytes(),
+            payload,
             retain: true,
             kind: OutgoingKind::Alert,
         })
@@ -417,7 +447,9 @@ fn device_entry(d: &DeviceConfig) -> DeviceEntry {
         endpoint,
         unit_id,
         security,
+        tag_count: d.tag_count(),
         tags,
+        tags_omitted: false,
         writable,
         identity: None,
         identity_status: None,
@@ -574,6 +606,11 @@ writable = true
     }
 
     fn fixture() -> Fixture {
+        fixture_with("")
+    }
+
+    /// The fixture with more configuration text after the first tag.
+    fn fixture_with(more: &str) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         let files = pki::create_dev_pki(&DevPkiOptions {
@@ -585,7 +622,7 @@ writable = true
         })
         .unwrap();
         std::fs::create_dir(root.join("data")).unwrap();
-        std::fs::write(root.join("gateway.toml"), TOML).unwrap();
+        std::fs::write(root.join("gateway.toml"), format!("{TOML}{more}")).unwrap();
         let cfg = crate::config::load(&root.join("gateway.toml")).unwrap();
         let key = Arc::new(crate::run::load_signing_key(&files.gateway_signing_key).unwrap());
         Fixture {
@@ -725,6 +762,34 @@ writable = true
         assert!(inv.due(20_500 + REFRESH_MS).is_some(), "hourly");
         inv.set_policy(Some("fp".into()));
         assert!(inv.due(20_500 + REFRESH_MS + 1_000).is_some());
+    }
+
+    #[test]
+    fn an_inventory_too_large_for_the_broker_leaves_out_the_tag_names_then_is_not_sent() {
+        let tags: String = (1..40)
+            .map(|i| {
+                format!("[[devices.tags]]\nname = \"tank1.level_{i}\"\narea = \"holding_register\"\naddress = {i}\ntype = \"u16\"\n")
+            })
+            .collect();
+        let f = fixture_with(&tags);
+        let (mut inv, _rx) = inventory(&f);
+        let full = inv.due(1_000).expect("published at start").payload.len();
+        inv.max_message_bytes = full - 1;
+        inv.dirty = true;
+        let msg = inv.due(2_000).expect("still published");
+        assert!(msg.payload.len() < full);
+        let mut trust = twin_model::TrustStore::new();
+        trust.add_pem(&f.key.public_key_pem()).unwrap();
+        let v = trust
+            .verify_compact(&msg.payload, INVENTORY_TYP, 1 << 20)
+            .unwrap();
+        let doc: Document = serde_json::from_slice(&v.payload).unwrap();
+        let d = &doc.devices[0];
+        assert!(d.tags.is_empty() && d.tags_omitted);
+        assert_eq!((d.tag_count, d.writable.len()), (40, 1));
+        inv.max_message_bytes = 100;
+        inv.dirty = true;
+        assert!(inv.due(3_000).is_none(), "not sent at all");
     }
 
     #[test]
