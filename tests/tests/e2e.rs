@@ -505,16 +505,8 @@ async fn every_type_and_byte_order_from_pymodbus_decodes_exactly() -> anyhow::Re
     let device = twin.identified_device().await?;
     gw.stop().await;
     let fields = &device.identity.context("checked above")?.fields;
-    use twin_model::inventory::field;
-    let names = [
-        field::VENDOR_NAME,
-        field::PRODUCT_CODE,
-        field::REVISION,
-        field::VENDOR_URL,
-        field::PRODUCT_NAME,
-        field::MODEL_NAME,
-    ];
-    for (ours, theirs) in names
+    // Objects 0x00-0x05, in order.
+    for (ours, theirs) in twin_model::inventory::MODBUS_FIELDS
         .iter()
         .zip(twin_testkit::python::PYMODBUS_IDENTITY_OBJECTS)
     {

@@ -83,6 +83,31 @@ pub mod field {
     pub const CERTIFICATE_SHA256: &str = "certificate_sha256";
 }
 
+/// The identity fields a Modbus device can report (Read Device
+/// Identification objects 0x00-0x06).
+pub const MODBUS_FIELDS: &[&str] = &[
+    field::VENDOR_NAME,
+    field::PRODUCT_CODE,
+    field::REVISION,
+    field::VENDOR_URL,
+    field::PRODUCT_NAME,
+    field::MODEL_NAME,
+    field::USER_APPLICATION_NAME,
+];
+
+/// The identity fields of an OPC UA server.
+pub const OPCUA_FIELDS: &[&str] = &[
+    field::PRODUCT_URI,
+    field::PRODUCT_NAME,
+    field::MANUFACTURER_NAME,
+    field::SOFTWARE_VERSION,
+    field::BUILD_NUMBER,
+    field::BUILD_DATE,
+    field::APPLICATION_URI,
+    field::CERTIFICATE_SHA1,
+    field::CERTIFICATE_SHA256,
+];
+
 /// What a device reports about itself. Two identities are the same device
 /// when all their fields are equal (a firmware update changes the revision
 /// or software version and counts as a change).
@@ -95,6 +120,21 @@ pub struct DeviceIdentity {
 }
 
 impl DeviceIdentity {
+    /// The fields of `expected` this identity does not have as expected:
+    /// `(name, expected, reported)`. Empty when it matches.
+    pub fn mismatches<'a>(
+        &'a self,
+        expected: &'a BTreeMap<String, String>,
+    ) -> Vec<(&'a str, &'a str, Option<&'a str>)> {
+        expected
+            .iter()
+            .filter_map(|(k, want)| {
+                let got = self.fields.get(k).map(String::as_str);
+                (got != Some(want.as_str())).then_some((k.as_str(), want.as_str(), got))
+            })
+            .collect()
+    }
+
     /// The fields that differ between `self` (before) and `after`:
     /// `(name, before, after)`, `None` where a field is absent.
     pub fn diff<'a>(

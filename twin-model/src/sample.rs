@@ -102,6 +102,9 @@ pub mod reason {
     pub const DISCONNECTED: &str = "disconnected";
     /// The device answered with something that is not a valid reply.
     pub const PROTOCOL_ERROR: &str = "protocol_error";
+    /// The device does not identify itself as the configured
+    /// `expect_identity` says: it is not read.
+    pub const IDENTITY_MISMATCH: &str = "identity_mismatch";
     /// A register pair or quad decoded to NaN.
     pub const NAN: &str = "nan";
     /// A register pair or quad decoded to +/- infinity.

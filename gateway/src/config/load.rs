@@ -496,6 +496,53 @@ impl Loader<'_> {
         }))
     }
 
+    /// The optional `expect_identity` table of a device: identity fields
+    /// (from `allowed`) and the values the device must report.
+    pub(super) fn expect_identity(
+        &mut self,
+        t: &Table<'_, '_>,
+        allowed: &[&str],
+    ) -> Option<Option<std::collections::BTreeMap<String, String>>> {
+        let c = match self.r.table(
+            t,
+            "expect_identity",
+            &format!("expect_identity of {}", t.name),
+        ) {
+            Field::Absent => return Some(None),
+            Field::Invalid => return None,
+            Field::Valid(c) => c.into_inner(),
+        };
+        self.r.unknown_keys(&c, allowed);
+        let mut fields = std::collections::BTreeMap::new();
+        let mut valid = true;
+        for key in allowed {
+            match self.r.non_empty(&c, key) {
+                Field::Valid(v) => {
+                    fields.insert((*key).to_owned(), v.into_inner());
+                }
+                Field::Invalid => valid = false,
+                Field::Absent => {}
+            }
+        }
+        if valid && fields.is_empty() {
+            self.r.error_help(
+                &c.span,
+                format!("{} names no identity field", c.name),
+                Some(format!(
+                    "name what the device must report, e.g. {}",
+                    allowed
+                        .iter()
+                        .take(3)
+                        .map(|k| format!("{k} = \"...\""))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+            );
+            return None;
+        }
+        valid.then_some(Some(fields))
+    }
+
     /// The optional `[watch]` table.
     fn watch(&mut self, root: &Table<'_, '_>) -> Option<WatchConfig> {
         let t = match self.r.table(root, "watch", "[watch]") {
@@ -853,10 +900,21 @@ impl Loader<'_> {
                 "reconnect_min_ms",
                 "reconnect_max_ms",
                 "identify",
+                "expect_identity",
                 "tags",
             ],
         );
         let identify = self.r.boolean(t, "identify");
+        let expect = self.expect_identity(t, twin_model::inventory::MODBUS_FIELDS);
+        if let (Some(false), Some(Some(_))) = (identify.get(), expect.as_ref()) {
+            if let Some(span) = identify.span() {
+                self.r.error_help(
+                    &span,
+                    format!("identify = false in {} contradicts expect_identity", t.name),
+                    Some("the identity can only be checked when it is read: remove identify = false, or expect_identity"),
+                );
+            }
+        }
         let address = self.r.shaped(
             t,
             "address",
@@ -901,6 +959,7 @@ impl Loader<'_> {
             reconnect_min,
             reconnect_max,
             identify: identify.or(true)?,
+            expect_identity: expect?,
             tags: tags?,
         })
     }

@@ -382,6 +382,9 @@ pub struct OpcUaDeviceConfig {
     pub request_timeout: Duration,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// The identity the server must report (BuildInfo, application URI,
+    /// certificate thumbprints); a server that reports another is not read.
+    pub expect_identity: Option<std::collections::BTreeMap<String, String>>,
     pub tags: Vec<OpcUaTag>,
 }
 
@@ -433,6 +436,9 @@ pub struct ModbusDeviceConfig {
     /// Read the device's identity (FC 43/14) after each connect, for the
     /// asset inventory (`identify = false` for devices that misbehave on it).
     pub identify: bool,
+    /// The identity the device must report (field -> value); a device
+    /// that reports another one, or none, is not read.
+    pub expect_identity: Option<std::collections::BTreeMap<String, String>>,
     pub tags: Vec<ModbusTag>,
 }
 

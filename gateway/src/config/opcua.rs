@@ -104,9 +104,11 @@ impl Loader<'_> {
                 "request_timeout_ms",
                 "reconnect_min_ms",
                 "reconnect_max_ms",
+                "expect_identity",
                 "tags",
             ],
         );
+        let expect = self.expect_identity(t, twin_model::inventory::OPCUA_FIELDS);
         let url = self.r.shaped(
             t,
             "endpoint_url",
@@ -205,6 +207,7 @@ impl Loader<'_> {
             request_timeout: super::load::ms(request_timeout.or(5_000)?),
             reconnect_min,
             reconnect_max,
+            expect_identity: expect?,
             tags: tags?,
         })
     }

@@ -125,6 +125,33 @@ impl Notices {
     }
 }
 
+/// Whether a device that reported `reported` (or nothing) may be read,
+/// given the configured `expect_identity`: `Err` says how it differs.
+pub fn check_identity(
+    expected: Option<&std::collections::BTreeMap<String, String>>,
+    reported: Option<&twin_model::inventory::DeviceIdentity>,
+) -> Result<(), String> {
+    let Some(expected) = expected else {
+        return Ok(());
+    };
+    let Some(reported) = reported else {
+        return Err("it does not identify itself, so expect_identity cannot be checked".into());
+    };
+    let wrong: Vec<String> = reported
+        .mismatches(expected)
+        .into_iter()
+        .map(|(k, want, got)| match got {
+            Some(got) => format!("{k} is \"{got}\", expected \"{want}\""),
+            None => format!("{k} is not reported, expected \"{want}\""),
+        })
+        .collect();
+    if wrong.is_empty() {
+        Ok(())
+    } else {
+        Err(wrong.join("; "))
+    }
+}
+
 /// Device-reported text made fit for the inventory: control characters
 /// dropped, at most 255 characters (the most one Modbus object holds).
 pub fn printable(raw: &[u8]) -> String {

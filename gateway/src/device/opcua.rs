@@ -477,6 +477,15 @@ impl OpcUaDriver {
             stats.connected.store(false, Ordering::Relaxed);
             match ended {
                 Served::Stop => return,
+                Served::Mismatch(why) => {
+                    warn!(device = %cfg.name, %why, retry_in = ?cfg.reconnect_max, "NOT READ: the server does not identify itself as expect_identity requires");
+                    if !self.emit_bad(&out, reason::IDENTITY_MISMATCH).await {
+                        return;
+                    }
+                    if !self.wait(&shutdown, &mut writes, cfg.reconnect_max).await {
+                        return;
+                    }
+                }
                 Served::Failed(why, status) => {
                     if let Some(code) = status.and_then(security_code) {
                         notice(code, why.clone());
@@ -632,7 +641,15 @@ impl OpcUaDriver {
                         connected = true;
                         stats.connected.store(true, Ordering::Relaxed);
                         stats.connects.fetch_add(1, Ordering::Relaxed);
-                        notices.identity(&cfg.name, Ok(build_info(&session, &facts).await));
+                        let identity = build_info(&session, &facts).await;
+                        let verdict = super::check_identity(cfg.expect_identity.as_ref(), Some(&identity));
+                        notices.identity(&cfg.name, Ok(identity));
+                        if let Err(why) = verdict {
+                            // Not read: the session is closed in order and
+                            // the next attempt checks again.
+                            let _ = tokio::time::timeout(Duration::from_secs(2), session.disconnect()).await;
+                            return Served::Mismatch(why);
+                        }
                         match session.read_namespace_array().await {
                             Ok(map) => {
                                 nodes = cfg.tags.iter().map(|t| match resolve(t, &map) {
@@ -1185,6 +1202,8 @@ enum Served {
     Stop,
     /// Why, and the status code when the server or the library gave one.
     Failed(String, Option<StatusCode>),
+    /// The server does not identify itself as `expect_identity` requires.
+    Mismatch(String),
 }
 
 /// The audit code of a security refusal.

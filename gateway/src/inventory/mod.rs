@@ -56,6 +56,9 @@ pub mod codes {
     pub const DEVICE_IDENTITY_CHANGED: &str = "device_identity_changed";
     /// Something that is not the configured device answered.
     pub const DEVICE_UNKNOWN_ANSWERING: &str = "device_unknown_answering";
+    /// A device does not identify itself as its `expect_identity`
+    /// requires; it is not read.
+    pub const DEVICE_IDENTITY_MISMATCH: &str = "device_identity_mismatch";
 }
 
 /// One device's recorded identity.
@@ -123,6 +126,8 @@ pub struct Inventory {
     published_ms: Option<u64>,
     /// The broker's message size limit (`mqtt.max_message_bytes`).
     max_message_bytes: usize,
+    /// Each device's `expect_identity`.
+    expected: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 impl Inventory {
@@ -151,6 +156,17 @@ impl Inventory {
             dirty: true,
             published_ms: None,
             max_message_bytes: cfg.mqtt.max_message_bytes,
+            expected: cfg
+                .devices
+                .iter()
+                .filter_map(|d| {
+                    let e = match d {
+                        DeviceConfig::Modbus(m) => m.expect_identity.clone(),
+                        DeviceConfig::OpcUa(o) => o.expect_identity.clone(),
+                    };
+                    e.map(|e| (d.name().to_owned(), e))
+                })
+                .collect(),
         };
         inv.fill_identities();
         inv
@@ -184,6 +200,27 @@ impl Inventory {
         let Some(index) = self.devices.iter().position(|d| d.name == device) else {
             return;
         };
+        if let Err(why) =
+            crate::device::check_identity(self.expected.get(device), reported.as_ref().ok())
+        {
+            self.alerts.raise(Finding {
+                code: codes::DEVICE_IDENTITY_MISMATCH,
+                severity: Severity::Critical,
+                subject: format!("device:{device}"),
+                message: format!("device {device} is not read: {why}"),
+                evidence: evidence([
+                    ("expected", json!(self.expected.get(device))),
+                    (
+                        "reported",
+                        match &reported {
+                            Ok(id) => json!(id.fields),
+                            Err(status) => json!(status),
+                        },
+                    ),
+                ]),
+                at_ms: now_ms,
+            });
+        }
         let identity = match reported {
             Ok(identity) => identity,
             Err(status) => {

@@ -1824,3 +1824,72 @@ async fn a_second_client_with_the_gateways_identity_and_a_refused_certificate_ra
     s.plc.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_does_not_identify_itself_as_expected_is_not_read_until_it_does(
+) -> anyhow::Result<()> {
+    use twin_testkit::sim;
+    init();
+    let mut s = Setup::new("").await?;
+    let text = std::fs::read_to_string(&s.cfg.source)?
+        .replacen(
+            "# identify = true",
+            "expect_identity = { vendor_name = \"Twin Gateway Project\", product_code = \"TANK-SIM\" }",
+            1,
+        )
+        .replacen("reconnect_max_ms = 10000", "reconnect_max_ms = 1000", 1);
+    s.cfg = write_config(s.pki.root(), &text, 50)?;
+    let mut twin = Twin::start(&s.broker, &s.pki, 64).await?;
+    let mut op = Operator::start(&s).await?;
+    let gw = s.start_gateway().await?;
+    op.wait_online(1).await?;
+    twin.until(Duration::from_secs(10), "the expected PLC's values", |t| {
+        t.tag("tank1.level")
+            .is_some_and(|v| v.quality == Quality::Good)
+    })
+    .await?;
+    op.pump_for(Duration::from_millis(500)).await?;
+    assert!(op.alerts.is_empty(), "{:?}", op.alerts);
+
+    // Another product answers at the PLC's address.
+    let mut other = sim::Identity::default_tank();
+    other.product_code = "PUMP-SIM".into();
+    s.plc.set_identity(other);
+    s.plc.stop().await;
+    s.plc.restart().await?;
+    let a = alert_within(&mut op, "device_identity_mismatch", Duration::from_secs(15)).await?;
+    assert_eq!(a.severity, twin_model::alert::Severity::Critical);
+    assert!(
+        a.message
+            .contains("product_code is \"PUMP-SIM\", expected \"TANK-SIM\""),
+        "{a:?}"
+    );
+    twin.until(
+        Duration::from_secs(10),
+        "the tags bad with identity_mismatch",
+        |t| {
+            t.tag("tank1.level")
+                .is_some_and(|v| v.reason.as_deref() == Some("identity_mismatch"))
+        },
+    )
+    .await?;
+    let reads = s.plc.read_frames();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        s.plc.read_frames(),
+        reads,
+        "a device that is not the expected one is not read"
+    );
+
+    // The expected device is back: read again at the next connection.
+    s.plc.set_identity(sim::Identity::default_tank());
+    twin.until(Duration::from_secs(15), "good values again", |t| {
+        t.tag("tank1.level")
+            .is_some_and(|v| v.quality == Quality::Good)
+    })
+    .await?;
+    assert!(twin.rejections().is_empty(), "{:?}", twin.rejections());
+    gw.stop().await;
+    s.plc.stop().await;
+    Ok(())
+}

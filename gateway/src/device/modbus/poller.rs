@@ -93,6 +93,7 @@ impl ModbusDriver {
             stats: Default::default(),
             notices: Default::default(),
             identify_gave_up: false,
+            mismatch: None,
             cfg,
         };
         owner.run(ctx).await;
@@ -165,6 +166,9 @@ struct Owner {
     /// Set when the device let an identification request time out: it is
     /// not asked again (the reply might still come and confuse a read).
     identify_gave_up: bool,
+    /// Why the device is not read: it does not identify itself as
+    /// `expect_identity` requires. Checked again at every connection.
+    mismatch: Option<String>,
 }
 
 impl Owner {
@@ -260,7 +264,11 @@ impl Owner {
                         }
                         None => {
                             self.stats.read(Duration::ZERO, false);
-                            self.cycle.all_bad(reason::DISCONNECTED, now_ms())
+                            let why = match self.mismatch {
+                                Some(_) => reason::IDENTITY_MISMATCH,
+                                None => reason::DISCONNECTED,
+                            };
+                            self.cycle.all_bad(why, now_ms())
                         }
                     };
                     let event = DeviceEvent {
@@ -494,8 +502,11 @@ impl Owner {
     /// and keeps the connection; no answer drops it (a late reply could
     /// be taken for the next read's) and the device is not asked again.
     async fn identify(&mut self) {
-        if !self.cfg.identify || self.identify_gave_up {
+        if self.link.is_none() {
             return;
+        }
+        if !self.cfg.identify || self.identify_gave_up {
+            return self.verify_identity(None);
         }
         let Some(link) = self.link.as_mut() else {
             return;
@@ -504,6 +515,7 @@ impl Owner {
         match read_identity(link, limit).await {
             Ok(identity) => {
                 debug!(device = %self.cfg.name, objects = identity.fields.len(), "modbus device identity read");
+                self.verify_identity(Some(&identity));
                 self.notices.identity(&self.cfg.name, Ok(identity));
             }
             Err(IdentityError::Exception(code)) => {
@@ -512,6 +524,7 @@ impl Owner {
                     &self.cfg.name,
                     Err(format!("not_supported ({})", exception_reason(code))),
                 );
+                self.verify_identity(None);
             }
             Err(IdentityError::Link(e)) => {
                 if matches!(e, LinkError::Timeout(_)) {
@@ -521,6 +534,31 @@ impl Owner {
                         .identity(&self.cfg.name, Err("no_answer".to_owned()));
                 }
                 self.lost(&e);
+            }
+        }
+    }
+
+    /// With `expect_identity`, a device that reports another identity (or
+    /// none) is not read: the connection is closed, its tags are bad with
+    /// `identity_mismatch`, and the next connection (after
+    /// `reconnect_max_ms`) checks again.
+    fn verify_identity(&mut self, reported: Option<&twin_model::inventory::DeviceIdentity>) {
+        match crate::device::check_identity(self.cfg.expect_identity.as_ref(), reported) {
+            Ok(()) => {
+                if self.mismatch.take().is_some() {
+                    info!(device = %self.cfg.name, "the device identifies itself as expected again");
+                }
+            }
+            Err(why) => {
+                if self.mismatch.as_deref() != Some(why.as_str()) {
+                    warn!(device = %self.cfg.name, %why, "NOT READ: the device does not identify itself as expect_identity requires");
+                }
+                self.mismatch = Some(why);
+                self.link = None;
+                self.stats
+                    .connected
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                self.next_connect = Instant::now() + self.cfg.reconnect_max;
             }
         }
     }

@@ -318,6 +318,7 @@ fn config(addr: SocketAddr) -> ModbusDeviceConfig {
         reconnect_min: Duration::from_millis(20),
         reconnect_max: Duration::from_millis(100),
         identify: true,
+        expect_identity: None,
         tags: tank_tags(),
     }
 }
