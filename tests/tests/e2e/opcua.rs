@@ -616,3 +616,47 @@ async fn polling_reads_the_nodes_when_subscriptions_are_not_wanted() -> anyhow::
     s.sim.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_server_with_another_certificate_than_expected_is_not_read() -> anyhow::Result<()> {
+    init();
+    // The right product, but not the certificate the plant pinned.
+    let s = opc_setup(
+        SimSecurity::Secure,
+        true,
+        "s3cret-pass\n",
+        &format!(
+            "expect_identity = {{ product_uri = \"{}\", certificate_sha256 = \"{}\" }}",
+            twin_testkit::opcua_sim::PRODUCT_URI,
+            "00".repeat(32)
+        ),
+    )
+    .await?;
+    let mut twin = Twin::start(&s.broker, &s.pki, 64).await?;
+    let gw = gateway::run::start(s.cfg.clone()).await?;
+    twin.until(
+        Duration::from_secs(20),
+        "tags bad with identity_mismatch",
+        |t| {
+            t.tag("opc.level")
+                .is_some_and(|v| v.reason.as_deref() == Some("identity_mismatch"))
+        },
+    )
+    .await?;
+    let d = twin.identified_device().await?;
+    let reported = d
+        .identity
+        .context("the inventory still shows what the server reported")?;
+    assert_eq!(
+        reported.fields.get("product_uri").map(String::as_str),
+        Some(twin_testkit::opcua_sim::PRODUCT_URI)
+    );
+    assert!(
+        good(&twin, "opc.level").is_none(),
+        "no value from a server that is not the pinned one"
+    );
+    gw.stop().await;
+    let audit = std::fs::read_to_string(&s.cfg.audit.file)?;
+    assert!(audit.contains("\"code\":\"device_identity_mismatch\""));
+    Ok(())
+}
