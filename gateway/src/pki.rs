@@ -271,6 +271,32 @@ impl DevPkiFiles {
     }
 }
 
+/// The OPC UA client's folders under `files.opcua_dir` (`own/`,
+/// `private/`, `trusted/` empty, `rejected/`) and its application instance
+/// certificate (OU=`unit`) and key (mode 0600) for gateway `gateway_id`.
+/// Returns the application URI.
+pub fn create_opcua_client(
+    files: &DevPkiFiles,
+    gateway_id: &str,
+    validity: Validity,
+    unit: &str,
+) -> Result<String, PkiError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| PkiError::Io { path, source }
+    };
+    for sub in ["own", "private", "trusted", "rejected"] {
+        let d = files.opcua_dir.join(sub);
+        std::fs::create_dir_all(&d).map_err(io(&d))?;
+    }
+    let uri = opcua_application_uri(gateway_id);
+    let (der, key) =
+        opcua_application_cert_in_unit(&uri, &["localhost".to_string()], validity, unit)?;
+    std::fs::write(&files.opcua_cert, der).map_err(io(&files.opcua_cert))?;
+    keyfile::write_private(&files.opcua_key, &key)?;
+    Ok(uri)
+}
+
 /// Creates the whole dev PKI in `opts.out_dir` (created with mode 0700).
 /// The CA private key is not kept: nothing else can be issued from it later.
 pub fn create_dev_pki(opts: &DevPkiOptions) -> Result<DevPkiFiles, PkiError> {
@@ -295,17 +321,7 @@ pub fn create_dev_pki(opts: &DevPkiOptions) -> Result<DevPkiFiles, PkiError> {
     keyfile::write_public(&files.gateway_cert, &gw.cert_pem)?;
     keyfile::write_private(&files.gateway_key, &gw.key_pem)?;
 
-    for sub in ["own", "private", "trusted", "rejected"] {
-        let d = files.opcua_dir.join(sub);
-        std::fs::create_dir_all(&d).map_err(io(&d))?;
-    }
-    let (der, key) = opcua_application_cert(
-        &opcua_application_uri(&opts.gateway_id),
-        &["localhost".to_string()],
-        validity,
-    )?;
-    std::fs::write(&files.opcua_cert, der).map_err(io(&files.opcua_cert))?;
-    keyfile::write_private(&files.opcua_key, &key)?;
+    create_opcua_client(&files, &opts.gateway_id, validity, DEV_OU)?;
 
     let op = ca.issue_client(&opts.operator, validity)?;
     keyfile::write_public(&files.operator_cert, &op.cert_pem)?;

@@ -1,7 +1,55 @@
-//! Helpers the benches share: the wall clock, a batch's `created_ms`, and a
-//! process's memory and CPU from /proc.
+//! Helpers the benches share: the gateway binary, the verifying twin's
+//! subscription, the wall clock, a batch's
+//! `created_ms`, and a process's memory and CPU from /proc.
 
 use anyhow::Context as _;
+
+/// The gateway binary a bench runs: `given`, or the release build of this
+/// workspace; an error that says how to build it when it is missing.
+pub fn gateway_bin(given: Option<std::path::PathBuf>) -> anyhow::Result<std::path::PathBuf> {
+    let bin = given.unwrap_or_else(|| crate::workspace_root().join("target/release/gateway"));
+    if !bin.exists() {
+        anyhow::bail!(
+            "{} not found: build it with `cargo build --release -p gateway --bin gateway`",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// The bench's twin: a verifying watcher (the gateway's signing key
+/// trusted, a wide window) and a subscription to every topic of gateway
+/// `gw`, made (SUBACK received) before this returns. Keep the client while
+/// the event loop is polled.
+pub async fn subscribe_twin(
+    broker: &crate::mosquitto::Mosquitto,
+    pki: &crate::pki::TestPki,
+    gw: &str,
+    clean_session: bool,
+) -> anyhow::Result<(
+    rumqttc::AsyncClient,
+    rumqttc::EventLoop,
+    twinctl::watch::Watcher,
+)> {
+    use rumqttc::{Event, Packet, QoS};
+    let mut trust = twin_model::TrustStore::new();
+    trust.add_pem(&std::fs::read_to_string(&pki.gateway_signing_pub)?)?;
+    let watcher = twinctl::watch::Watcher::new("twin", trust).with_window(1 << 22);
+    let mut opts =
+        broker.client_options(pki, "bench-twin", crate::mosquitto::Identity::Operator)?;
+    opts.set_max_packet_size(1 << 20, 1 << 16);
+    opts.set_clean_session(clean_session);
+    let (client, mut events) = rumqttc::AsyncClient::new(opts, 64);
+    client
+        .subscribe(format!("twin/{gw}/#"), QoS::AtLeastOnce)
+        .await?;
+    loop {
+        if let Event::Incoming(Packet::SubAck(_)) = events.poll().await? {
+            break;
+        }
+    }
+    Ok((client, events, watcher))
+}
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {

@@ -33,6 +33,28 @@ pub fn workspace_root() -> PathBuf {
     manifest.parent().map(PathBuf::from).unwrap_or(manifest)
 }
 
+/// The `[gateway]`, `[signing]`, `[mqtt]` and `[mqtt.tls]` tables of
+/// gateway `id` with the test PKI's files under `pki/` (see
+/// [`pki::TestPki`]) and the broker on loopback `port`; `mqtt_extra`
+/// (whole lines) goes into `[mqtt]`. Devices and other tables follow.
+pub fn gateway_toml(id: &str, port: u16, mqtt_extra: &str) -> String {
+    format!(
+        r#"[gateway]
+id = "{id}"
+data_dir = "data"
+[signing]
+key_file = "pki/gateway-signing.key.pem"
+[mqtt]
+host = "127.0.0.1"
+port = {port}
+{mqtt_extra}[mqtt.tls]
+ca_file = "pki/ca.crt.pem"
+cert_file = "pki/gateway.crt.pem"
+key_file = "pki/gateway.key.pem"
+"#
+    )
+}
+
 /// The commented example configuration the README points OT engineers to.
 pub const EXAMPLE_CONFIG: &str = include_str!("../../gateway/gateway.example.toml");
 

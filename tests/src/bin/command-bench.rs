@@ -66,16 +66,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let bin = args
-        .gateway_bin
-        .clone()
-        .unwrap_or_else(|| twin_testkit::workspace_root().join("target/release/gateway"));
-    if !bin.exists() {
-        bail!(
-            "{} not found: build it with `cargo build --release -p gateway --bin gateway`",
-            bin.display()
-        );
-    }
+    let bin = twin_testkit::bench::gateway_bin(args.gateway_bin.clone())?;
     let pki = TestPki::new(GW)?;
     let broker = Mosquitto::start(&pki, BrokerOptions::default()).await?;
     let tank = PlcSim::start("127.0.0.1:0".parse()?).await?;
@@ -115,19 +106,7 @@ allowed = [false]
         sims.push(bulk);
     }
     let config = format!(
-        r#"[gateway]
-id = "{GW}"
-data_dir = "data"
-[signing]
-key_file = "pki/gateway-signing.key.pem"
-[mqtt]
-host = "127.0.0.1"
-port = {port}
-[mqtt.tls]
-ca_file = "pki/ca.crt.pem"
-cert_file = "pki/gateway.crt.pem"
-key_file = "pki/gateway.key.pem"
-[commands]
+        r#"{head}[commands]
 policy_dir = "policies"
 operator_keys_dir = "operators"
 issuer = "bench-idp"
@@ -154,7 +133,7 @@ address = 1
 type = "bool"
 writable = true
 {load}"#,
-        port = broker.port(),
+        head = twin_testkit::gateway_toml(GW, broker.port(), ""),
         tank = sims[0].addr(),
     );
     let cfg_path = root.join("bench.toml");

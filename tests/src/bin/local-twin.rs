@@ -138,16 +138,12 @@ async fn start_opcua(
 ) -> anyhow::Result<twin_testkit::opcua_sim::OpcUaSim> {
     use rand::Rng as _;
     if !pki.opcua_cert.exists() {
-        for sub in ["own", "private", "trusted", "rejected"] {
-            std::fs::create_dir_all(pki.opcua_dir.join(sub))?;
-        }
-        let (der, key) = gateway::pki::opcua_application_cert(
-            &gateway::pki::opcua_application_uri(GATEWAY_ID),
-            &["localhost".to_string()],
+        gateway::pki::create_opcua_client(
+            pki,
+            GATEWAY_ID,
             gateway::pki::Validity::days(365),
+            gateway::pki::DEV_OU,
         )?;
-        std::fs::write(&pki.opcua_cert, der)?;
-        gateway::keyfile::write_private(&pki.opcua_key, &key)?;
     }
     let password: String = (0..24)
         .map(|_| char::from(b"abcdefghijkmnpqrstuvwxyz23456789"[rand::rng().random_range(0..32)]))

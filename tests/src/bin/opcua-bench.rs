@@ -59,13 +59,13 @@
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
-use rumqttc::{AsyncClient, Event, Packet, QoS};
+use rumqttc::{Event, Packet};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use twin_model::{Quality, Value};
 use twin_testkit::bench::{clock_ticks, created_ms, now_ms, proc_stat, stat_cpu};
-use twin_testkit::mosquitto::{BrokerOptions, Identity, Mosquitto};
+use twin_testkit::mosquitto::{BrokerOptions, Mosquitto};
 use twin_testkit::opcua_sim::{bulk_node, OpcUaSim, OpcUaSimOptions, SimSecurity, NAMESPACE_URI};
 use twin_testkit::pki::TestPki;
 
@@ -334,16 +334,7 @@ fn bench() -> anyhow::Result<()> {
     if args.items == 0 || args.devices == 0 || args.devices > args.items {
         bail!("--items and --devices must be at least 1, and --devices at most --items");
     }
-    let bin = args
-        .gateway_bin
-        .clone()
-        .unwrap_or_else(|| twin_testkit::workspace_root().join("target/release/gateway"));
-    if !bin.exists() {
-        bail!(
-            "{} not found: build it with `cargo build --release -p gateway --bin gateway`",
-            bin.display()
-        );
-    }
+    let bin = twin_testkit::bench::gateway_bin(args.gateway_bin.clone())?;
     let pki = TestPki::new(GW)?;
     // The simulator on a runtime of its own, so that its threads (and CPU)
     // are told apart from the subscriber's.
@@ -380,19 +371,14 @@ fn gateway_files(
     broker_port: u16,
 ) -> anyhow::Result<PathBuf> {
     let root = pki.root();
-    let opc = root.join("pki/opcua");
-    for d in ["own", "private", "trusted", "rejected"] {
-        std::fs::create_dir_all(opc.join(d))?;
-    }
-    let uri = gateway::pki::opcua_application_uri(GW);
-    let (der, key) = gateway::pki::opcua_application_cert_in_unit(
-        &uri,
-        &["localhost".to_string()],
+    let files = pki.files();
+    let uri = gateway::pki::create_opcua_client(
+        &files,
+        GW,
         gateway::pki::Validity::days(30),
         twin_testkit::pki::TEST_OU,
     )?;
-    std::fs::write(opc.join("own/cert.der"), der)?;
-    gateway::keyfile::write_private(&opc.join("private/private.pem"), &key)?;
+    let opc = files.opcua_dir.clone();
     gateway::keyfile::write_private(&root.join("opc.password"), &format!("{PASSWORD}\n"))?;
     sim.install_trust(&opc.join("trusted"))?;
     let per = args.items.div_ceil(args.devices);
@@ -426,20 +412,8 @@ queue_size = {queue}
         }
     }
     let config = format!(
-        r#"[gateway]
-id = "{GW}"
-data_dir = "data"
-[signing]
-key_file = "pki/gateway-signing.key.pem"
-[mqtt]
-host = "127.0.0.1"
-port = {broker_port}
-max_message_bytes = 131072
-[mqtt.tls]
-ca_file = "pki/ca.crt.pem"
-cert_file = "pki/gateway.crt.pem"
-key_file = "pki/gateway.key.pem"
-{devices}"#
+        "{}{devices}",
+        twin_testkit::gateway_toml(GW, broker_port, "max_message_bytes = 131072\n")
     );
     let path = root.join("bench.toml");
     std::fs::write(&path, config)?;
@@ -452,20 +426,8 @@ async fn run(args: &Args, bin: &Path, pki: &TestPki, sim: &OpcUaSim) -> anyhow::
     let cfg_path = gateway_files(args, pki, sim, broker.port())?;
 
     // The verifying subscriber.
-    let mut trust = twin_model::TrustStore::new();
-    trust.add_pem(&std::fs::read_to_string(&pki.gateway_signing_pub)?)?;
-    let watcher = twinctl::watch::Watcher::new("twin", trust).with_window(1 << 22);
-    let mut opts = broker.client_options(pki, "bench-twin", Identity::Operator)?;
-    opts.set_max_packet_size(1 << 20, 1 << 16);
-    let (client, mut events) = AsyncClient::new(opts, 64);
-    client
-        .subscribe(format!("twin/{GW}/#"), QoS::AtLeastOnce)
-        .await?;
-    loop {
-        if let Event::Incoming(Packet::SubAck(_)) = events.poll().await? {
-            break;
-        }
-    }
+    let (_client, events, watcher) =
+        twin_testkit::bench::subscribe_twin(&broker, pki, GW, true).await?;
     let mut twin = Twin {
         events,
         watcher,

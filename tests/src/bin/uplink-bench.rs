@@ -29,11 +29,11 @@
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
-use rumqttc::{AsyncClient, Event, Packet, QoS};
+use rumqttc::{Event, Packet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use twin_testkit::bench::{created_ms, now_ms, proc_stat};
-use twin_testkit::mosquitto::{BrokerOptions, Identity, Mosquitto};
+use twin_testkit::mosquitto::{BrokerOptions, Mosquitto};
 use twin_testkit::pki::TestPki;
 use twin_testkit::sim::PlcSim;
 
@@ -133,16 +133,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let bin = args
-        .gateway_bin
-        .clone()
-        .unwrap_or_else(|| twin_testkit::workspace_root().join("target/release/gateway"));
-    if !bin.exists() {
-        bail!(
-            "{} not found: build it with `cargo build --release -p gateway --bin gateway`",
-            bin.display()
-        );
-    }
+    let bin = twin_testkit::bench::gateway_bin(args.gateway_bin.clone())?;
     let gw_id = "bench-gw";
     let pki = TestPki::new(gw_id)?;
     let outage = args.outage_s.map(Duration::from_secs);
@@ -180,41 +171,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         sims.push(sim);
     }
     let config = format!(
-        r#"[gateway]
-id = "{gw_id}"
-data_dir = "data"
-[signing]
-key_file = "pki/gateway-signing.key.pem"
-[mqtt]
-host = "127.0.0.1"
-port = {port}
-max_message_bytes = 131072
-[mqtt.tls]
-ca_file = "pki/ca.crt.pem"
-cert_file = "pki/gateway.crt.pem"
-key_file = "pki/gateway.key.pem"
-{devices}"#,
-        port = broker.port()
+        "{}{devices}",
+        twin_testkit::gateway_toml(gw_id, broker.port(), "max_message_bytes = 131072\n")
     );
     let cfg_path = pki.root().join("bench.toml");
     std::fs::write(&cfg_path, config)?;
 
     // The verifying subscriber.
-    let mut trust = twin_model::TrustStore::new();
-    trust.add_pem(&std::fs::read_to_string(&pki.gateway_signing_pub)?)?;
-    let watcher = twinctl::watch::Watcher::new("twin", trust).with_window(1 << 22);
-    let mut opts = broker.client_options(&pki, "bench-twin", Identity::Operator)?;
-    opts.set_max_packet_size(1 << 20, 1 << 16);
-    opts.set_clean_session(outage.is_none());
-    let (client, mut events) = AsyncClient::new(opts, 64);
-    client
-        .subscribe(format!("twin/{gw_id}/#"), QoS::AtLeastOnce)
-        .await?;
-    loop {
-        if let Event::Incoming(Packet::SubAck(_)) = events.poll().await? {
-            break;
-        }
-    }
+    let (_client, events, watcher) =
+        twin_testkit::bench::subscribe_twin(&broker, &pki, gw_id, outage.is_none()).await?;
     let mut twin = Twin {
         events,
         watcher,

@@ -441,21 +441,9 @@ fn bulk_config(
     poll_ms: u64,
     max_size_mib: u64,
 ) -> anyhow::Result<gateway::config::Config> {
+    let head = twin_testkit::gateway_toml(GW, broker_port, "max_message_bytes = 131072\n");
     let mut text = format!(
-        r#"[gateway]
-id = "{GW}"
-data_dir = "data"
-[signing]
-key_file = "pki/gateway-signing.key.pem"
-[mqtt]
-host = "127.0.0.1"
-port = {broker_port}
-max_message_bytes = 131072
-[mqtt.tls]
-ca_file = "pki/ca.crt.pem"
-cert_file = "pki/gateway.crt.pem"
-key_file = "pki/gateway.key.pem"
-[outbox]
+        r#"{head}[outbox]
 max_size_mib = {max_size_mib}
 
 [[devices]]

@@ -46,19 +46,12 @@ struct OpcSetup {
 /// list, the password file, an operator key and the policy. Returns the
 /// application URI and the operator key.
 fn gateway_files(root: &Path, password: &str) -> anyhow::Result<(String, OperatorKey)> {
-    let opc = root.join("pki/opcua");
-    for d in ["own", "private", "trusted", "rejected"] {
-        std::fs::create_dir_all(opc.join(d))?;
-    }
-    let uri = gateway::pki::opcua_application_uri(GW);
-    let (der, key) = gateway::pki::opcua_application_cert_in_unit(
-        &uri,
-        &["localhost".to_string()],
+    let uri = gateway::pki::create_opcua_client(
+        &gateway::pki::DevPkiFiles::in_dir(&root.join("pki")),
+        GW,
         gateway::pki::Validity::days(30),
         twin_testkit::pki::TEST_OU,
     )?;
-    std::fs::write(opc.join("own/cert.der"), der)?;
-    gateway::keyfile::write_private(&opc.join("private/private.pem"), &key)?;
     gateway::keyfile::write_private(&root.join("opc.password"), password)?;
     let idp = OperatorKey::generate(Algorithm::EdDSA)?;
     std::fs::create_dir_all(root.join("operators"))?;
@@ -98,21 +91,9 @@ fn opc_config(
             "[[devices.tags]]\nname = \"{name}\"\nnode_id = \"{node}\"\ntype = \"{ty}\"\nwritable = {writable}\n"
         ));
     }
+    let head = twin_testkit::gateway_toml(GW, broker_port, "reported_interval_ms = 100\n");
     let text = format!(
-        r#"[gateway]
-id = "{GW}"
-data_dir = "data"
-[signing]
-key_file = "pki/gateway-signing.key.pem"
-[mqtt]
-host = "127.0.0.1"
-port = {broker_port}
-reported_interval_ms = 100
-[mqtt.tls]
-ca_file = "pki/ca.crt.pem"
-cert_file = "pki/gateway.crt.pem"
-key_file = "pki/gateway.key.pem"
-[commands]
+        r#"{head}[commands]
 policy_dir = "policies"
 operator_keys_dir = "operators"
 issuer = "plant-ops"
