@@ -109,80 +109,57 @@ impl Sources {
         let mut o = String::with_capacity(4096);
         let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
 
-        metric(
-            &mut o,
-            "twin_device_reads_total",
-            "counter",
-            "Read cycles per device (Modbus polls, OPC UA notifications or reads).",
-        );
-        for (d, s) in &self.devices {
-            let _ = writeln!(
-                o,
-                "twin_device_reads_total{{device=\"{}\"}} {}",
-                esc(d),
-                ld(&s.reads)
-            );
+        // One sample per device of each: name, type, help, value.
+        type Pick = fn(&DeviceStats) -> String;
+        fn count(a: &AtomicU64) -> String {
+            a.load(Ordering::Relaxed).to_string()
         }
-        metric(
-            &mut o,
-            "twin_device_read_errors_total",
-            "counter",
-            "Failed reads per device (timeouts, transport and protocol errors, exceptions).",
-        );
-        for (d, s) in &self.devices {
-            let _ = writeln!(
-                o,
-                "twin_device_read_errors_total{{device=\"{}\"}} {}",
-                esc(d),
-                ld(&s.errors)
-            );
-        }
-        metric(
-            &mut o,
-            "twin_device_read_seconds_total",
-            "counter",
-            "Time spent reading per device; divided by twin_device_reads_total, the mean latency.",
-        );
-        for (d, s) in &self.devices {
-            let _ = writeln!(
-                o,
-                "twin_device_read_seconds_total{{device=\"{}\"}} {:.6}",
-                esc(d),
-                ld(&s.read_us_total) as f64 / 1e6
-            );
-        }
-        metric(
-            &mut o,
-            "twin_device_connected",
-            "gauge",
-            "1 when the device is connected.",
-        );
-        for (d, s) in &self.devices {
-            let _ = writeln!(
-                o,
-                "twin_device_connected{{device=\"{}\"}} {}",
-                esc(d),
-                u8::from(s.connected.load(Ordering::Relaxed))
-            );
-        }
-        for (name, help, pick) in [
+        let per_device: [(&str, &str, &str, Pick); 7] = [
+            (
+                "twin_device_reads_total",
+                "counter",
+                "Read cycles per device (Modbus polls, OPC UA notifications or reads).",
+                |s| count(&s.reads),
+            ),
+            (
+                "twin_device_read_errors_total",
+                "counter",
+                "Failed reads per device (timeouts, transport and protocol errors, exceptions).",
+                |s| count(&s.errors),
+            ),
+            (
+                "twin_device_read_seconds_total",
+                "counter",
+                "Time spent reading per device; divided by twin_device_reads_total, the mean latency.",
+                |s| format!("{:.6}", s.read_us_total.load(Ordering::Relaxed) as f64 / 1e6),
+            ),
+            (
+                "twin_device_connected",
+                "gauge",
+                "1 when the device is connected.",
+                |s| u8::from(s.connected.load(Ordering::Relaxed)).to_string(),
+            ),
             (
                 "twin_device_exceptions_total",
+                "counter",
                 "Reads answered with a Modbus exception, per device.",
-                (|s: &DeviceStats| s.exceptions.load(Ordering::Relaxed)) as fn(&DeviceStats) -> u64,
+                |s| count(&s.exceptions),
             ),
             (
                 "twin_device_timeouts_total",
+                "counter",
                 "Reads that got no answer in time, per device.",
-                |s: &DeviceStats| s.timeouts.load(Ordering::Relaxed),
+                |s| count(&s.timeouts),
             ),
             (
                 "twin_device_connects_total",
+                "counter",
                 "Connections made per device (the first and every reconnect).",
-                |s: &DeviceStats| s.connects.load(Ordering::Relaxed),
+                |s| count(&s.connects),
             ),
-        ] {
-            metric(&mut o, name, "counter", help);
+        ];
+        for (name, kind, help, pick) in per_device {
+            metric(&mut o, name, kind, help);
             for (d, s) in &self.devices {
                 let _ = writeln!(o, "{name}{{device=\"{}\"}} {}", esc(d), pick(s));
             }
