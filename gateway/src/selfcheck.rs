@@ -51,7 +51,9 @@ use std::str::FromStr;
 use serde::Serialize;
 
 use crate::command_auth::OperatorTrustStore;
-use crate::config::{Config, DeviceConfig, OpcUaIdentity, OpcUaMode, OpcUaPolicy, TlsVersion};
+use crate::config::{
+    CertKind, Config, DeviceConfig, OpcUaIdentity, OpcUaMode, OpcUaPolicy, TlsVersion,
+};
 use crate::keyfile::{self, KeyFileError};
 use crate::pki::DEV_OU;
 use crate::policy::{Mode, Policy};
@@ -393,31 +395,21 @@ fn date_ms(ms: i128) -> String {
     crate::clock::rfc3339_ms(ms)
 }
 
-/// The kinds of certificate the configuration names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum CertKind {
-    MqttClient,
-    Ca,
-    OpcUaClient,
-    OpcUaUser,
-}
-
-impl CertKind {
-    fn renew(self, file: &str) -> String {
-        match self {
-            CertKind::MqttClient => format!(
-                "issue a new client certificate for the gateway from the plant's CA, replace {file} and the key in [mqtt.tls] key_file, and restart the gateway"
-            ),
-            CertKind::Ca => format!(
-                "replace {file} with the plant CA's current certificate (the broker's certificate must chain to it) and restart the gateway"
-            ),
-            CertKind::OpcUaClient => format!(
-                "make a new application instance certificate and key, replace {file} (DER) and private_key_file, have the server's administrator trust the new certificate, and restart the gateway"
-            ),
-            CertKind::OpcUaUser => format!(
-                "issue a new user certificate, replace {file} and user_key_file, have the server's administrator accept it, and restart the gateway"
-            ),
-        }
+/// What to do about a certificate of this kind.
+fn renew(kind: CertKind, file: &str) -> String {
+    match kind {
+        CertKind::MqttClient => format!(
+            "issue a new client certificate for the gateway from the plant's CA, replace {file} and the key in [mqtt.tls] key_file, and restart the gateway"
+        ),
+        CertKind::Ca => format!(
+            "replace {file} with the plant CA's current certificate (the broker's certificate must chain to it) and restart the gateway"
+        ),
+        CertKind::OpcUaClient => format!(
+            "make a new application instance certificate and key, replace {file} (DER) and private_key_file, have the server's administrator trust the new certificate, and restart the gateway"
+        ),
+        CertKind::OpcUaUser => format!(
+            "issue a new user certificate, replace {file} and user_key_file, have the server's administrator accept it, and restart the gateway"
+        ),
     }
 }
 
@@ -561,34 +553,15 @@ impl Checker<'_> {
 
     /// Every certificate file the configuration names.
     fn certificates(&mut self, cfg: &Config) {
-        let mut files: Vec<(String, CertKind, &Path)> = vec![
-            (
-                "MQTT client certificate".into(),
-                CertKind::MqttClient,
-                &cfg.mqtt.tls.cert_file,
-            ),
-            ("CA file".into(), CertKind::Ca, &cfg.mqtt.tls.ca_file),
-        ];
-        for d in &cfg.devices {
-            let DeviceConfig::OpcUa(d) = d else { continue };
-            files.push((
-                format!("OPC UA client certificate of device {}", d.name),
-                CertKind::OpcUaClient,
-                &d.certificate_file,
-            ));
-            if let OpcUaIdentity::X509 { cert_file, .. } = &d.identity {
-                files.push((
-                    format!("OPC UA user certificate of device {}", d.name),
-                    CertKind::OpcUaUser,
-                    cert_file,
-                ));
-            }
-        }
-        let mut seen = BTreeSet::new();
-        for (what, kind, path) in files {
-            if seen.insert(path) {
-                self.certificate_file(&what, kind, path);
-            }
+        for f in cfg.certificate_files() {
+            let device = f.device.unwrap_or_default();
+            let what = match f.kind {
+                CertKind::MqttClient => "MQTT client certificate".to_string(),
+                CertKind::Ca => "CA file".to_string(),
+                CertKind::OpcUaClient => format!("OPC UA client certificate of device {device}"),
+                CertKind::OpcUaUser => format!("OPC UA user certificate of device {device}"),
+            };
+            self.certificate_file(&what, f.kind, f.path);
         }
     }
 
@@ -664,7 +637,7 @@ impl Checker<'_> {
                 Severity::Critical,
                 file,
                 format!("{name} expired on {}: peers refuse it", date_ms(not_after)),
-                kind.renew(file),
+                renew(kind, file),
             );
         } else if not_before > now {
             self.add(
@@ -677,7 +650,7 @@ impl Checker<'_> {
                 ),
                 format!(
                     "check the clock of this machine and of the issuer; if both are right, {}",
-                    kind.renew(file)
+                    renew(kind, file)
                 ),
             );
         } else if not_after - now <= warn {
@@ -691,7 +664,7 @@ impl Checker<'_> {
                 Severity::Medium,
                 file,
                 format!("{name} expires on {} ({left})", date_ms(not_after)),
-                format!("before it expires, {}", kind.renew(file)),
+                format!("before it expires, {}", renew(kind, file)),
             );
         }
     }
@@ -711,7 +684,7 @@ impl Checker<'_> {
                 Severity::Critical,
                 file,
                 format!("{name} comes from the development PKI ({DEV_OU}): its keys were made on a developer's machine and are not under the plant's control"),
-                format!("use the plant's PKI: {}", kind.renew(file)),
+                format!("use the plant's PKI: {}", renew(kind, file)),
             );
         }
     }

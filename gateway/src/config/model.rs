@@ -4,7 +4,7 @@
 //! Every option that has a unit says so in its name (`_ms`, `_bytes`,
 //! `_registers`). Paths are resolved relative to the config file's folder.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The whole gateway configuration.
@@ -27,6 +27,67 @@ pub struct Config {
     pub devices: Vec<DeviceConfig>,
     /// Plausibility checks by tag name (the tags' `check` tables).
     pub checks: std::collections::BTreeMap<String, TagChecks>,
+}
+
+/// The kinds of certificate the configuration names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertKind {
+    /// `[mqtt.tls] cert_file`.
+    MqttClient,
+    /// `[mqtt.tls] ca_file`.
+    Ca,
+    /// An OPC UA device's `certificate_file`.
+    OpcUaClient,
+    /// An OPC UA device's `user_certificate_file`.
+    OpcUaUser,
+}
+
+/// One certificate file the configuration names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CertFile<'a> {
+    pub kind: CertKind,
+    /// The OPC UA device it belongs to.
+    pub device: Option<&'a str>,
+    pub path: &'a Path,
+}
+
+impl Config {
+    /// Every certificate file the configuration names, in this order: the
+    /// MQTT client certificate, the CA file, then per OPC UA device its
+    /// client and (X.509 login) user certificate. A file named twice is
+    /// listed once, where it first appears.
+    pub fn certificate_files(&self) -> Vec<CertFile<'_>> {
+        let mut files = vec![
+            CertFile {
+                kind: CertKind::MqttClient,
+                device: None,
+                path: &self.mqtt.tls.cert_file,
+            },
+            CertFile {
+                kind: CertKind::Ca,
+                device: None,
+                path: &self.mqtt.tls.ca_file,
+            },
+        ];
+        for d in &self.devices {
+            let DeviceConfig::OpcUa(d) = d else { continue };
+            files.push(CertFile {
+                kind: CertKind::OpcUaClient,
+                device: Some(&d.name),
+                path: &d.certificate_file,
+            });
+            if let OpcUaIdentity::X509 { cert_file, .. } = &d.identity {
+                files.push(CertFile {
+                    kind: CertKind::OpcUaUser,
+                    device: Some(&d.name),
+                    path: cert_file,
+                });
+            }
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        files.retain(|f| seen.insert(f.path));
+        files
+    }
 }
 
 /// What the watch checks about one tag's values (its `check` table).

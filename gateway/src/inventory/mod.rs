@@ -38,7 +38,7 @@ use twin_model::jws::{b64url, sha256};
 use twin_model::topics::Topics;
 use twin_model::SigningKey;
 
-use crate::config::{Config, DeviceConfig, OpcUaIdentity};
+use crate::config::{CertKind, Config, DeviceConfig};
 use crate::metrics::DeviceStats;
 use crate::mqtt::{Outgoing, OutgoingKind};
 use crate::watch::alerts::{evidence, Alerts, Finding};
@@ -561,19 +561,17 @@ pub fn gateway_entry(cfg: &Config, key: &SigningKey) -> GatewayEntry {
 
 /// Every certificate the configuration names, parsed.
 fn certificates(cfg: &Config) -> Vec<CertificateEntry> {
-    let mut files: Vec<(&str, &Path)> = vec![
-        ("mqtt_client", &cfg.mqtt.tls.cert_file),
-        ("mqtt_ca", &cfg.mqtt.tls.ca_file),
-    ];
-    for d in &cfg.devices {
-        let DeviceConfig::OpcUa(d) = d else { continue };
-        files.push(("opcua_client", &d.certificate_file));
-        if let OpcUaIdentity::X509 { cert_file, .. } = &d.identity {
-            files.push(("opcua_user", cert_file));
-        }
-    }
     let mut out: Vec<CertificateEntry> = Vec::new();
-    for (role, path) in files {
+    for f in cfg.certificate_files() {
+        let (role, path) = (
+            match f.kind {
+                CertKind::MqttClient => "mqtt_client",
+                CertKind::Ca => "mqtt_ca",
+                CertKind::OpcUaClient => "opcua_client",
+                CertKind::OpcUaUser => "opcua_user",
+            },
+            f.path,
+        );
         let Ok(bytes) = std::fs::read(path) else {
             continue;
         };
